@@ -1,0 +1,89 @@
+"""A training request: the train flow's one parameter, shown by the Prefect UI as a typed form."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from infra.compute import PROFILES
+from trainers.config import TrainConfig, StrictModel
+
+
+class ExportOptions(StrictModel):
+    """ONNX export and the parity check that gates registration."""
+
+    opset: int = Field(17, ge=11, le=21, description="ONNX opset version.")
+    parity_images: int = Field(8, ge=1, le=256, description="Validation images ONNX Runtime must reproduce.")
+    parity_atol: float = Field(1e-3, gt=0, description="Absolute tolerance of |onnx - torch|.")
+    parity_rtol: float = Field(1e-3, ge=0, description="Relative tolerance (times |torch|).")
+
+
+class TrainRequest(TrainConfig):
+    """Train, evaluate, export and register one model."""
+
+    experiment: str = Field("trainyard", min_length=1, description="MLflow experiment the run is recorded in.")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model name (default: '<dataset folder>-<trainer>')."
+    )
+    alias: str = Field("candidate", description="MLflow alias set on the new model version.")
+    compute: list[str] = Field(["local"], min_length=1, description="Compute profiles, in order of preference.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'cuda' refuses to run without a GPU.")
+    export: ExportOptions = Field(default_factory=ExportOptions)
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the MLflow run.")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_shape(cls, value: str) -> str:
+        # MLflow rejects aliases like "v3" (reserved for versions) and anything not identifier-like.
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", value) or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(f"alias {value!r} must be a name like 'candidate' (letters, digits, _ or -; not v<N>)")
+        return value
+
+    @field_validator("compute")
+    @classmethod
+    def _known_profiles(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in PROFILES]
+        if unknown:
+            raise ValueError(f"unknown compute profile(s) {unknown}; known: {', '.join(PROFILES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_model_name(self) -> TrainRequest:
+        if not self.registered_model:
+            self.registered_model = f"{_dataset_name(self.dataset)}-{self.trainer}"
+        return self
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
+
+
+def _dataset_name(dataset: str) -> str:
+    path = Path(dataset)
+    return path.parent.name if path.suffix in {".yaml", ".yml"} else path.name
+
+
+def request_parameters(model: type[StrictModel]):
+    """Expose each field of `model` as a flow parameter, with its type, constraints, default and description.
+
+    Prefect merges a deployment's parameters with a run's shallowly: with the whole request as one parameter,
+    `--param epochs=10` would replace it all. As separate parameters each one can be overridden alone, and the UI
+    form still shows the model's types, bounds and descriptions.
+    """
+
+    def decorate(fn):
+        parameters, docs = [], []
+        for name, field in model.model_fields.items():
+            default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
+            annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+            description = field.description or (field.annotation.__doc__ or "").strip().split("\n")[0]
+            docs.append(f"    {name}: {description}")
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=inspect.signature(fn).return_annotation)
+        fn.__doc__ = f"{fn.__doc__ or ''}\n\nArgs:\n" + "\n".join(docs) + "\n"
+        return fn
+
+    return decorate

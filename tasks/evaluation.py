@@ -1,0 +1,35 @@
+"""Stage 4: final metrics of the best checkpoint on val, and on test when the dataset has one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from tasks.tracking import ensure_active
+from tasks.training import make_job
+from trainers.base import TrainResult
+from trainers.data.spec import DatasetSpec
+from trainers.registry import get_trainer
+
+
+@task
+def evaluate_model(
+    request, dataset: DatasetSpec, device: str, output_dir: Path, result: TrainResult, run_id: str
+) -> dict[str, float]:
+    ensure_active(run_id)
+    job = make_job(request, dataset, device, output_dir)
+    trainer = get_trainer(request.trainer)
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        if split in dataset.splits:
+            metrics.update(trainer.evaluate(job, result.best_checkpoint, split))
+    mlflow.log_metrics({f"final_{name}": value for name, value in metrics.items()})
+    create_table_artifact(
+        [{"metric": name, "value": round(value, 6)} for name, value in metrics.items()],
+        key="final-metrics",
+        description="Best checkpoint, evaluated after training",
+    )
+    return metrics

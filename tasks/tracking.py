@@ -1,0 +1,91 @@
+"""The pipeline's one MLflow run: created by the flow, written by every stage, always ended."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from collections.abc import Iterator
+
+import mlflow
+from mlflow import MlflowClient
+from prefect.runtime import flow_run
+
+from infra.settings import ROOT
+from trainers.data.spec import DatasetSpec
+
+TAG_FLOW_RUN = "prefect.flow_run_id"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+@contextlib.contextmanager
+def pipeline_run(request, dataset: DatasetSpec, device: str) -> Iterator[str]:
+    """Start the run, yield its id; end it FINISHED, or FAILED (KILLED on cancel) when the stage raises."""
+    mlflow.set_experiment(request.experiment)
+    ui = flow_run.ui_url
+    tags = {
+        **request.tags,
+        "trainer": request.trainer,
+        "model": request.model,
+        "dataset.version": dataset.version,
+        "dataset.format": dataset.format,
+        "dataset.labels": json.dumps(dataset.label_map, ensure_ascii=False),
+        "git.commit": git_commit(),
+        "device": device,
+        TAG_FLOW_RUN: str(flow_run.id or ""),
+        "prefect.flow_run_url": ui or "",
+        "mlflow.note.content": f"Prefect run: {ui}" if ui else "",
+    }
+    run = mlflow.start_run(run_name=flow_run.name or None, tags=tags)
+    status = "FAILED"
+    try:
+        mlflow.log_params(flatten(request.train_config().model_dump(mode="json")))
+        mlflow.log_dict(dataset.label_map, "labels.json")
+        mlflow.log_dict(json.loads(dataset.to_json()), "dataset.json")
+        yield run.info.run_id
+        status = "FINISHED"
+    except BaseException as error:
+        # Prefect delivers cancellation as a BaseException subclass; record it as a kill, not a failure.
+        status = "KILLED" if type(error).__name__ in {"TerminationSignal", "CancelledError"} else "FAILED"
+        raise
+    finally:
+        mlflow.flush_async_logging()
+        mlflow.end_run(status=status)
+
+
+def end_runs_left_running(flow_run_id: str, status: str = "FAILED") -> int:
+    """End any MLflow run of this flow run still RUNNING (a crash hook; the context manager covers the rest)."""
+    client = MlflowClient()
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{TAG_FLOW_RUN}` = '{flow_run_id}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status=status)
+    return len(runs)
+
+
+def ensure_active(run_id: str) -> None:
+    """Stages run in the flow's thread, where the run is active; refuse to log anywhere else."""
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        raise RuntimeError(f"MLflow run {run_id} is not active in this thread; call stages from the flow directly")

@@ -1,0 +1,50 @@
+"""Stage 3: run the chosen trainer, with live progress in the Prefect UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from tasks.tracking import ensure_active
+from trainers.base import Callback, TrainJob, TrainResult
+from trainers.data.spec import DatasetSpec
+from trainers.registry import get_trainer
+
+
+class PrefectProgress(Callback):
+    """Epoch progress as a Prefect progress artifact, and a log line per epoch and checkpoint."""
+
+    def __init__(self) -> None:
+        self.artifact_id = None
+        self.total = 1
+        self.logger = get_run_logger()
+
+    def on_train_start(self, total_epochs: int, start_epoch: int) -> None:
+        self.total = total_epochs
+        self.artifact_id = create_progress_artifact(
+            100.0 * start_epoch / total_epochs, key="training-progress", description="Epochs completed (%)"
+        )
+        if start_epoch:
+            self.logger.info("resuming at epoch %d of %d", start_epoch + 1, total_epochs)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, 100.0 * epoch / self.total)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        self.logger.info("epoch %d/%d: %s", epoch, self.total, shown)
+
+    def on_checkpoint(self, epoch: int, path: Path) -> None:
+        self.logger.info("checkpoint after epoch %d: %s", epoch, path)
+
+
+def make_job(request, dataset: DatasetSpec, device: str, output_dir: Path, callbacks=()) -> TrainJob:
+    return TrainJob(request.train_config(), dataset, output_dir, device, list(callbacks))
+
+
+@task
+def train_model(request, dataset: DatasetSpec, device: str, output_dir: Path, run_id: str) -> TrainResult:
+    ensure_active(run_id)
+    job = make_job(request, dataset, device, output_dir, [PrefectProgress()])
+    return get_trainer(request.trainer).train(job)

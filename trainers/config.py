@@ -1,0 +1,93 @@
+"""The resolved training configuration: one typed model, validated before any compute is spent.
+
+Prefect renders it as the run's parameter form; trainers read it; MLflow records it as params.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainers.registry import TRAINERS, trainer_spec
+
+
+class StrictModel(BaseModel):
+    # An unknown key is a typo or an option Trainyard does not have: refuse it rather than ignore it.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Augmentations(StrictModel):
+    """Training-time augmentations. Probabilities are per image."""
+
+    horizontal_flip: float = Field(0.5, ge=0, le=1, description="Probability of a left-right flip.")
+    vertical_flip: float = Field(0.0, ge=0, le=1, description="Probability of an up-down flip.")
+    color_jitter: float = Field(
+        0.0, ge=0, le=1, description="Strength of brightness/contrast/saturation jitter (0 = off)."
+    )
+    mosaic: float = Field(0.0, ge=0, le=1, description="Mosaic probability (yolo only).")
+
+
+class LossOptions(StrictModel):
+    """Loss settings. Each trainer takes only the ones that apply to it."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Classification trainers (torch, hf-image).")
+    box_gain: float | None = Field(None, gt=0, description="Box loss gain (yolo).")
+    cls_gain: float | None = Field(None, gt=0, description="Class loss gain (yolo).")
+    dfl_gain: float | None = Field(None, gt=0, description="Distribution focal loss gain (yolo).")
+
+
+class CheckpointPolicy(StrictModel):
+    """When training writes a resumable checkpoint."""
+
+    every_n_epochs: int = Field(1, ge=1, description="Write a checkpoint every N epochs (the last epoch always).")
+
+
+class TrainConfig(StrictModel):
+    """What a trainer needs to train one model on one dataset."""
+
+    dataset: str = Field(
+        ...,
+        description="Dataset root: an ImageFolder directory (train/, val/, optional test/) "
+        "or a YOLO data.yaml (or the directory holding it).",
+    )
+    trainer: Literal["torch", "hf-image", "yolo"] = Field("torch", description="Which trainer runs the job.")
+    model: str = Field(
+        "tiny-cnn",
+        description="Model name from the trainer's catalog, or a local path (yolo: .yaml/.pt; "
+        "hf-image: a pretrained directory; torch: 'package.module:factory').",
+    )
+    epochs: int = Field(5, ge=1, le=10_000, description="Training epochs.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Images per batch.")
+    image_size: int = Field(64, ge=16, le=4096, description="Square input size in pixels.")
+    learning_rate: float = Field(1e-3, gt=0, le=10, description="Initial learning rate.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    augmentations: Augmentations = Field(default_factory=Augmentations)
+    loss: LossOptions = Field(default_factory=LossOptions)
+    seed: int = Field(0, ge=0, description="Random seed for data order, initialisation and augmentation.")
+    deterministic: bool = Field(False, description="Deterministic algorithms (slower; exact reruns).")
+    workers: int = Field(0, ge=0, le=64, description="Data-loader worker processes (0 = in the training process).")
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_exists(cls, value: str) -> str:
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise ValueError(
+                f"dataset path {value!r} does not exist; give an ImageFolder directory or a YOLO data.yaml "
+                "(run `make datasets` for the generated demo datasets)"
+            )
+        return str(path.resolve())
+
+    @model_validator(mode="after")
+    def _trainer_takes_these_options(self) -> TrainConfig:
+        spec = trainer_spec(self.trainer)
+        spec.check_model(self.model)
+        spec.check_options(self)
+        return self
+
+
+__all__ = ["TRAINERS", "StrictModel", "Augmentations", "CheckpointPolicy", "LossOptions", "TrainConfig"]

@@ -1,0 +1,1 @@
+"""Dataset formats: validation, versioning, label maps and the generated demo datasets."""

@@ -1,0 +1,125 @@
+"""Trainers by name.
+
+A spec is light (no torch, Ultralytics or Transformers import) so that a request can be validated in
+milliseconds; the trainer class is imported only when a job runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from trainers.base import Trainer
+    from trainers.config import TrainConfig
+
+Task = Literal["classification", "detection"]
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    name: str
+    target: str  # "module:Class"
+    task: Task
+    dataset_format: Literal["imagefolder", "yolo"]
+    models: tuple[str, ...]
+    model_paths: str  # what else `model` may be, in words, for error messages
+    loss_options: frozenset[str] = field(default_factory=frozenset)
+    takes_mosaic: bool = False
+
+    def load(self) -> type[Trainer]:
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def check_model(self, model: str) -> None:
+        if model in self.models or self._is_model_path(model):
+            return
+        raise ValueError(
+            f"model {model!r} is not known to the {self.name} trainer; use one of {', '.join(self.models)} "
+            f"or {self.model_paths}"
+        )
+
+    def _is_model_path(self, model: str) -> bool:
+        if self.name == "torch":
+            return bool(_FACTORY.match(model))
+        path = Path(model).expanduser()
+        if self.name == "yolo":
+            return (path.suffix in {".pt", ".yaml", ".yml"} and path.is_file()) or _ultralytics_cfg(model)
+        return path.is_dir() and (path / "config.json").is_file()
+
+    def check_options(self, config: TrainConfig) -> None:
+        given = {name for name, value in config.loss.model_dump().items() if value not in (None, 0.0)}
+        foreign = sorted(given - self.loss_options)
+        if foreign:
+            takes = ", ".join(sorted(self.loss_options)) or "none"
+            raise ValueError(
+                f"loss option(s) {', '.join(foreign)} are not taken by the {self.name} trainer "
+                f"(it takes: {takes}); remove them from `loss`"
+            )
+        if config.augmentations.mosaic and not self.takes_mosaic:
+            raise ValueError(f"augmentations.mosaic applies to detection (yolo) only, not to {self.name}; set it to 0")
+
+
+def _ultralytics_cfg(model: str) -> bool:
+    """A model yaml that ships inside Ultralytics (e.g. yolov8n.yaml, yolo11s.yaml): no download needed."""
+    if not re.fullmatch(r"yolo[\w.-]*\.yaml", model):
+        return False
+    from importlib.util import find_spec
+
+    spec = find_spec("ultralytics")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    cfg_root = Path(next(iter(spec.submodule_search_locations))) / "cfg" / "models"
+    # Ultralytics derives scaled variants (yolov8n.yaml) from the base file (yolov8.yaml).
+    base = re.sub(r"(\d+)[nslmx](?=[.-])", r"\1", model)
+    return any(cfg_root.rglob(model)) or any(cfg_root.rglob(base))
+
+
+TRAINERS: dict[str, TrainerSpec] = {
+    spec.name: spec
+    for spec in (
+        TrainerSpec(
+            name="torch",
+            target="trainers.torch_classifier:TorchClassifierTrainer",
+            task="classification",
+            dataset_format="imagefolder",
+            models=("tiny-cnn", "resnet18", "mobilenet_v3_small"),
+            model_paths="'package.module:factory' returning an nn.Module(num_classes=...)",
+            loss_options=frozenset({"label_smoothing"}),
+        ),
+        TrainerSpec(
+            name="hf-image",
+            target="trainers.hf_image:HFImageTrainer",
+            task="classification",
+            dataset_format="imagefolder",
+            models=("vit-tiny", "resnet-tiny"),
+            model_paths="a local pretrained directory holding config.json",
+            loss_options=frozenset({"label_smoothing"}),
+        ),
+        TrainerSpec(
+            name="yolo",
+            target="trainers.yolo:YoloTrainer",
+            task="detection",
+            dataset_format="yolo",
+            models=("yolov8n.yaml", "yolo11n.yaml"),
+            model_paths="another Ultralytics model yaml, or a local .pt/.yaml file",
+            loss_options=frozenset({"box_gain", "cls_gain", "dfl_gain"}),
+            takes_mosaic=True,
+        ),
+    )
+}
+
+
+def trainer_spec(name: str) -> TrainerSpec:
+    try:
+        return TRAINERS[name]
+    except KeyError:
+        raise ValueError(f"unknown trainer {name!r}; choose one of {', '.join(TRAINERS)}") from None
+
+
+def get_trainer(name: str) -> Trainer:
+    return trainer_spec(name).load()()
