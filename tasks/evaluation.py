@@ -27,6 +27,7 @@ def evaluate_model(
         if split in dataset.splits:
             metrics.update(trainer.evaluate(job, result.best_checkpoint, split))
     mlflow.log_metrics({f"final_{name}": value for name, value in metrics.items()})
+    mlflow.log_dict({"best_checkpoint": result.metrics, "final": metrics}, "results/metrics.json")
     create_table_artifact(
         [{"metric": name, "value": round(value, 6)} for name, value in metrics.items()],
         key="final-metrics",

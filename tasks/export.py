@@ -42,4 +42,5 @@ def export_model(
         parity.images, parity.max_abs_diff, parity.atol, parity.rtol,
     )
     mlflow.log_metric("onnx_parity_max_abs_diff", parity.max_abs_diff)
+    mlflow.set_tag("onnx.path", str(onnx_path))
     return ExportedModel(onnx_path, parity)

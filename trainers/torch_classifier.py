@@ -33,7 +33,8 @@ def tiny_cnn(num_classes: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
     return nn.Sequential(
-        block(3, 16), block(16, 32), block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)
+        block(3, 32), block(32, 64), block(64, 96), block(96, 128),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
     )
 
 

@@ -1,0 +1,62 @@
+# Trainyard. `make demo` on a fresh machine: venv, pinned deps, local stack, deployments, a training run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export TRAINYARD_HOME ?= $(CURDIR)/.trainyard
+# The stack's client settings (API URLs, offline switches) for every command below.
+STACK_ENV = set -a && eval "$$($(PY) -m infra.stack env)" && set +a
+
+.PHONY: help venv up down status deploy datasets demo test lint format bench lock clean
+
+help:
+	@echo "make demo      venv + stack + deployments + one demo training run, then prints the links"
+	@echo "make test      the whole test suite (starts its own servers on free ports)"
+	@echo "make up/down   start/stop the local stack (Prefect server, MLflow server, worker)"
+	@echo "make deploy    apply prefect.yaml to the running stack"
+	@echo "make bench     the benchmarks in bench/ (see docs/benchmarks.md)"
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+up: venv
+	$(PY) -m infra.stack up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m infra.stack down; fi
+
+status: venv
+	$(PY) -m infra.stack status
+
+deploy: up
+	$(STACK_ENV) && $(VENV)/bin/prefect --no-prompt deploy --all
+
+datasets: venv
+	$(PY) -m trainers.data.synthetic $(TRAINYARD_HOME)/datasets
+
+DEMO ?= train/torch-shapes
+demo: deploy datasets
+	$(STACK_ENV) && $(PY) -m deployments.demo $(DEMO)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+bench: venv
+	$(PY) bench/overhead.py
+	$(PY) bench/trigger_latency.py
+
+# Re-pin after changing pyproject.toml: the lock is what a fresh machine installs.
+lock:
+	$(VENV)/bin/pip freeze --exclude-editable --disable-pip-version-check > constraints.txt
+
+clean: down
+	rm -rf $(TRAINYARD_HOME)

@@ -1,0 +1,49 @@
+"""Trigger the demo training deployment through Prefect, wait for it, and say where everything is.
+
+    python -m deployments.demo [deployment name, default train/torch-shapes]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlflow
+from mlflow import MlflowClient
+from prefect.deployments import run_deployment
+
+from infra.settings import Settings
+from tasks.report import mlflow_run_url
+from tasks.tracking import TAG_FLOW_RUN
+
+
+def main(argv: list[str]) -> int:
+    name = argv[0] if argv else "train/torch-shapes"
+    settings = Settings.from_env()
+    print(f"Triggering {name} (the worker picks it up within a second)...")
+    run = run_deployment(name, timeout=None, tags=["demo"])
+    ui = f"{settings.prefect_ui}/runs/flow-run/{run.id}"
+    if not run.state or not run.state.is_completed():
+        print(f"The run ended {run.state.name if run.state else 'unknown'}: {run.state.message if run.state else ''}")
+        print(f"Prefect run: {ui}")
+        return 1
+
+    mlflow_run = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.`{TAG_FLOW_RUN}` = '{run.id}'", output_format="list"
+    )[0]
+    client = MlflowClient()
+    # search results carry no aliases; read each version itself for them
+    versions = [
+        client.get_model_version(v.name, v.version)
+        for v in client.search_model_versions(f"run_id = '{mlflow_run.info.run_id}'")
+    ]
+    print("\nDone.")
+    print(f"  Prefect run       {ui}")
+    print(f"  MLflow run        {mlflow_run_url(mlflow_run.info.run_id)}")
+    for version in versions:
+        print(f"  Registered model  {version.name} version {version.version} (aliases: {', '.join(version.aliases)})")
+    print(f"  ONNX file         {mlflow_run.data.tags.get('onnx.path', '?')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
