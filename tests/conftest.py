@@ -47,3 +47,52 @@ def tiny_yolo(tmp_path: Path, make_image: MakeImage) -> Path:
     data_yaml = root / "data.yaml"
     data_yaml.write_text("train: images/train\nval: images/val\nnames: [cat, dog]\n", encoding="utf-8")
     return data_yaml
+
+
+# --- The real local stack for flow and deployment tests -------------------------------------------------------
+# Ports and state are chosen before anything imports Prefect or MLflow, which read their settings at import.
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import os
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="trainyard-test-"))
+    os.environ.update(
+        TRAINYARD_HOME=str(home),
+        TRAINYARD_PREFECT_PORT=str(_free_port()),
+        TRAINYARD_MLFLOW_PORT=str(_free_port()),
+        YOLO_CONFIG_DIR=str(home / "ultralytics"),
+    )
+    from infra.settings import Settings
+
+    os.environ.update(Settings.from_env().client_env())
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """A real Prefect server and MLflow tracking server (SQLite) on free ports, for the whole session."""
+    from infra import stack as local_stack
+    from infra.settings import Settings
+
+    settings = Settings.from_env()
+    local_stack.up(settings, worker=False)
+    yield settings
+    local_stack.down(settings)
+
+
+@pytest.fixture(scope="session")
+def shapes_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated ImageFolder dataset (3 classes) that trains in seconds."""
+    from trainers.data.synthetic import make_shapes_classification
+
+    root = tmp_path_factory.mktemp("datasets") / "shapes-cls"
+    return make_shapes_classification(root, train_per_class=8, val_per_class=4, test_per_class=4, image_size=32)

@@ -1,0 +1,80 @@
+"""prefect.yaml as a user applies it, and a run triggered through a real process worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.deployments import run_deployment
+from prefect.utilities.importtools import import_object
+
+from flows.request import TrainRequest
+from infra import stack as local_stack
+from infra.settings import ROOT
+from trainers.data.synthetic import make_shapes_classification, make_shapes_detection
+
+DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=[d["name"] for d in DEPLOYMENTS])
+def test_every_entrypoint_imports_and_its_defaults_validate(deployment, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    make_shapes_classification(home / "datasets" / "shapes-cls", train_per_class=1, val_per_class=1, test_per_class=0)
+    make_shapes_detection(home / "datasets" / "shapes-det", train_images=2, val_images=1)
+    flow = import_object(deployment["entrypoint"])
+    parameters = {
+        key: value.replace("{{ $TRAINYARD_HOME }}", str(home)) if isinstance(value, str) else value
+        for key, value in deployment["parameters"].items()
+    }
+    assert flow.validate_parameters(parameters)
+    assert TrainRequest(**parameters).dataset.startswith(str(home))
+    assert deployment["work_pool"]["name"] == "trainyard-local"
+
+
+def test_the_nightly_schedule_is_declared_and_documented_as_inactive():
+    nightly = next(d for d in DEPLOYMENTS if d["name"] == "nightly-retrain")
+    assert nightly["schedules"][0]["cron"] == "0 3 * * *"
+    assert nightly["schedules"][0]["active"] is False
+
+
+@pytest.fixture(scope="module")
+def worker(stack):
+    """`make deploy` for the torch demo, and a real process worker polling the local pool."""
+    from infra.stack import ensure_work_pool
+
+    ensure_work_pool(stack)
+    env = {**os.environ, **stack.client_env()}
+    subprocess.run(
+        [str(Path(os.sys.executable).parent / "prefect"), "--no-prompt", "deploy", "-n", "torch-shapes"],
+        cwd=ROOT, env=env, check=True, capture_output=True, timeout=180,
+    )
+    service = local_stack.services(stack)[2]
+    local_stack._start(stack, service)
+    yield stack
+    process = local_stack._running(stack, service)
+    if process:
+        local_stack._stop(process, service.name, __import__("signal").SIGINT)
+
+
+def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker, shapes_cls, tmp_path):
+    run = run_deployment(
+        "train/torch-shapes",
+        parameters={"dataset": str(shapes_cls), "epochs": 2, "image_size": 32, "batch_size": 8,
+                    "registered_model": "deployment-test"},
+        timeout=300,
+    )
+    assert run.state.is_completed(), run.state.message
+
+    mlflow_run = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'", output_format="list"
+    )
+    assert [r.info.status for r in mlflow_run] == ["FINISHED"]
+    version = MlflowClient().get_model_version_by_alias("deployment-test", "candidate")
+    assert version.run_id == mlflow_run[0].info.run_id
+    local = mlflow.artifacts.download_artifacts(f"models:/deployment-test/{version.version}", dst_path=str(tmp_path))
+    assert (Path(local) / "model.onnx").stat().st_size > 1000

@@ -1,0 +1,88 @@
+"""The train flow end to end on a real Prefect server and a real MLflow server, with the torch trainer."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import onnx
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+
+from flows.train import train
+from trainers.export import read_label_map
+
+FAST = {"epochs": 2, "batch_size": 8, "image_size": 32, "trainer": "torch", "model": "tiny-cnn"}
+
+
+@pytest.fixture(scope="module")
+def finished(stack, shapes_cls):
+    """One successful pipeline run, shared by the assertions below."""
+    state = train(dataset=str(shapes_cls), experiment="flow-tests", tags={"suite": "flow"}, return_state=True, **FAST)
+    assert state.is_completed(), state.message
+    return state
+
+
+def test_run_is_recorded_once_in_mlflow_with_params_metrics_and_tags(finished, shapes_cls):
+    summary = finished.result()
+    run = mlflow.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2" and run.data.params["augmentations.horizontal_flip"] == "0.5"
+    tags = run.data.tags
+    assert tags["dataset.version"].startswith("sha256:")
+    assert json.loads(tags["dataset.labels"]) == {"0": "circle", "1": "square", "2": "triangle"}
+    assert tags["prefect.flow_run_id"] == str(finished.state_details.flow_run_id)
+    assert tags["prefect.flow_run_url"].endswith(str(finished.state_details.flow_run_id))
+    assert len(tags["git.commit"]) in (40, len("unknown"))
+    assert tags["suite"] == "flow"
+
+    history = MlflowClient().get_metric_history(summary.mlflow_run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]  # one value per epoch, no duplicates
+    assert "final_test_accuracy" in run.data.metrics and "final_val_accuracy" in run.data.metrics
+
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    assert [r.info.run_id for r in runs] == [summary.mlflow_run_id]  # no stray runs
+
+
+def test_model_version_carries_onnx_checkpoint_and_label_map(finished, tmp_path):
+    summary = finished.result()
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(summary.model_name, "candidate")
+    assert version.version == summary.model_version and version.run_id == summary.mlflow_run_id
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{summary.model_name}@candidate", dst_path=str(tmp_path))
+    files = {p.relative_to(local).as_posix() for p in __import__("pathlib").Path(local).rglob("*") if p.is_file()}
+    assert {"MLmodel", "model.onnx", "labels.json", "checkpoint/best.pt"} <= files
+    onnx.checker.check_model(f"{local}/model.onnx")
+    assert read_label_map(__import__("pathlib").Path(local) / "model.onnx") == {0: "circle", 1: "square", 2: "triangle"}
+
+
+def test_prefect_run_shows_progress_metrics_and_summary(finished):
+    flow_run_id = finished.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=__import__("prefect.client.schemas.filters", fromlist=["x"]).FlowRunFilter(
+                id={"any_": [flow_run_id]}
+            )
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["training-progress"].data == 100.0
+    assert {row["metric"] for row in json.loads(by_key["final-metrics"].data)} >= {"val_accuracy", "test_accuracy"}
+    assert "candidate" in by_key["training-summary"].data and "MLflow run" in by_key["training-summary"].data
+    assert "no CUDA GPU visible" in by_key["compute-decision"].data or "CUDA GPU 0" in by_key["compute-decision"].data
+    assert {row["split"] for row in json.loads(by_key["dataset-stats"].data)} == {"train", "val", "test"}
+
+
+def test_rerun_on_unchanged_data_skips_dataset_preparation(finished, shapes_cls):
+    state = train(dataset=str(shapes_cls), experiment="flow-tests", return_state=True, **{**FAST, "epochs": 1})
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=__import__("prefect.client.schemas.filters", fromlist=["x"]).FlowRunFilter(
+                id={"any_": [state.state_details.flow_run_id]}
+            )
+        )
+    prepare = next(r for r in runs if r.name.startswith("prepare_dataset"))
+    assert prepare.state.name == "Cached"

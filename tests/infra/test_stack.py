@@ -1,0 +1,46 @@
+"""The local stack: reused when running, a clear message when a port is taken by something else."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+
+from infra import stack as local_stack
+from infra.compute import ComputeProfile, NoComputeError, select_compute
+
+
+def test_up_again_reuses_the_running_servers(stack, capsys):
+    local_stack.up(stack, worker=False)
+    out = capsys.readouterr().out
+    assert out.count("already running (reused)") == 2
+    assert local_stack._healthy(f"{stack.prefect_api}/health") and local_stack._healthy(f"{stack.mlflow_uri}/health")
+
+
+def test_a_port_held_by_another_process_is_named_with_the_fix(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        settings = dataclasses.replace(
+            local_stack.Settings.from_env(), home=tmp_path / "home", prefect_port=port
+        )
+        with pytest.raises(local_stack.StackError) as error:
+            local_stack._start(settings, local_stack.services(settings)[0])
+    message = str(error.value)
+    assert f"port {port}" in message and "TRAINYARD_PREFECT_PORT" in message and "python" in message
+
+
+def test_cpu_only_machine_selects_local_cpu_with_a_reason():
+    decision = select_compute([ComputeProfile("local", device="cpu")])
+    assert decision.device == "cpu" and "CPU" in decision.reason
+
+
+def test_a_gpu_request_without_a_gpu_is_refused_at_once():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for machines without one")
+    with pytest.raises(NoComputeError, match="needs a GPU and none is visible"):
+        select_compute([ComputeProfile("local")], needs_gpu=True)
