@@ -1,6 +1,6 @@
 """Trigger the demo training deployment through Prefect, wait for it, and say where everything is.
 
-    python -m deployments.demo [deployment name, default train/torch-shapes]
+python -m deployments.demo [deployment name, default train/torch-shapes]
 """
 
 from __future__ import annotations

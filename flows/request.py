@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from infra.compute import PROFILES
-from trainers.config import TrainConfig, StrictModel
+from trainers.config import StrictModel, TrainConfig
 
 
 class ExportOptions(StrictModel):
@@ -79,7 +79,9 @@ def request_parameters(model: type[StrictModel]):
         for name, field in model.model_fields.items():
             default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
             annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+            parameters.append(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            )
             description = field.description or (field.annotation.__doc__ or "").strip().split("\n")[0]
             docs.append(f"    {name}: {description}")
         fn.__signature__ = inspect.Signature(parameters, return_annotation=inspect.signature(fn).return_annotation)

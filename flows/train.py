@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from flows.request import TrainRequest, request_parameters
 from infra.settings import Settings
 from tasks.compute import select_compute
-from tasks.dataset import prepare_dataset
+from tasks.dataset import prepare_dataset, publish_dataset_stats
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
 from tasks.registry import register_model
@@ -43,6 +43,7 @@ def train(**parameters) -> TrainSummary:
     """Train, evaluate, export to ONNX and register a vision model."""
     request = TrainRequest(**parameters)
     dataset = prepare_dataset(request.dataset, trainer_spec(request.trainer).dataset_format)
+    publish_dataset_stats(dataset)
     compute = select_compute(request.compute, request.device)
     output_dir = Settings.from_env().runs_dir / str(flow_run.id or "local")
 

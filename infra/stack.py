@@ -10,6 +10,7 @@ reported with the process that holds it and how to pick another port.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -45,7 +46,15 @@ def services(settings: Settings) -> list[Service]:
     return [
         Service(
             "prefect-server",
-            [str(BIN / "prefect"), "server", "start", "--host", settings.host, "--port", str(settings.prefect_port)],
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                settings.host,
+                "--port",
+                str(settings.prefect_port),
+            ],
             settings.prefect_port,
             f"{settings.prefect_api}/health",
             {"PREFECT_HOME": str(home / "prefect"), "PREFECT_UI_API_URL": settings.prefect_api},
@@ -53,12 +62,20 @@ def services(settings: Settings) -> list[Service]:
         Service(
             "mlflow-server",
             [
-                str(BIN / "mlflow"), "server",
-                "--host", settings.host, "--port", str(settings.mlflow_port),
-                "--workers", "1",  # the default 4 is too many for a 2-core box
-                "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-                "--artifacts-destination", str(home / "mlflow" / "artifacts"),
-                "--allowed-hosts", f"{settings.host}:{settings.mlflow_port},localhost:{settings.mlflow_port}",
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                settings.host,
+                "--port",
+                str(settings.mlflow_port),
+                "--workers",
+                "1",  # the default 4 is too many for a 2-core box
+                "--backend-store-uri",
+                f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(home / "mlflow" / "artifacts"),
+                "--allowed-hosts",
+                f"{settings.host}:{settings.mlflow_port},localhost:{settings.mlflow_port}",
             ],
             settings.mlflow_port,
             f"{settings.mlflow_uri}/health",
@@ -66,13 +83,25 @@ def services(settings: Settings) -> list[Service]:
         ),
         Service(
             "worker",
-            [str(BIN / "prefect"), "worker", "start", "--pool", settings.work_pool, "--type", "process",
-             "--name", f"{socket.gethostname()}-{settings.work_pool}"],
+            [
+                str(BIN / "prefect"),
+                "worker",
+                "start",
+                "--pool",
+                settings.work_pool,
+                "--type",
+                "process",
+                "--name",
+                f"{socket.gethostname()}-{settings.work_pool}",
+            ],
             None,
             None,
             # Poll every second: the default 10 s makes a triggered run wait 11-13 s to start.
-            {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
-             "PREFECT_HOME": str(home / "prefect")},
+            {
+                "PREFECT_WORKER_QUERY_SECONDS": "1",
+                "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
+                "PREFECT_HOME": str(home / "prefect"),
+            },
         ),
     ]
 
@@ -130,8 +159,13 @@ def _start(settings: Settings, service: Service) -> None:
     env = {**os.environ, **settings.client_env(), **service.extra_env}
     with open(logs / f"{service.name}.log", "ab") as log:
         process = subprocess.Popen(
-            service.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,  # survives `make` exiting; stopped by `down`
+            service.argv,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives `make` exiting; stopped by `down`
         )
     _pidfile(settings, service).write_text(str(process.pid))
     print(f"  {service.name}: started (pid {process.pid}, log {logs / (service.name + '.log')})")
@@ -191,10 +225,8 @@ def _stop(process: psutil.Process, name: str, gentle: signal.Signals) -> None:
     # A Prefect worker ignores one SIGTERM for a long time; two SIGINTs stop it promptly.
     for _ in range(2 if gentle == signal.SIGINT else 1):
         for proc in group:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(gentle)
-            except psutil.NoSuchProcess:
-                pass
         time.sleep(0.3)
     _, alive = psutil.wait_procs(group, timeout=15)
     for proc in alive:

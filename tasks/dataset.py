@@ -9,8 +9,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 
 from trainers.data.errors import DatasetError
-from trainers.data.spec import DatasetSpec
 from trainers.data.fingerprint import fingerprint
+from trainers.data.spec import DatasetSpec
 from trainers.data.validate import load_dataset
 
 
@@ -25,13 +25,16 @@ def prepare_dataset(path: str, expected_format: str) -> DatasetSpec:
     dataset = load_dataset(path)
     if dataset.format != expected_format:
         wanted = "a YOLO data.yaml" if expected_format == "yolo" else "an ImageFolder directory"
-        raise DatasetError(
-            dataset.root, [f"this trainer needs {wanted}, but {path} is a {dataset.format} dataset"]
-        )
+        raise DatasetError(dataset.root, [f"this trainer needs {wanted}, but {path} is a {dataset.format} dataset"])
+    return dataset
+
+
+@task
+def publish_dataset_stats(dataset: DatasetSpec) -> None:
+    """Images per class and split, in every run's artifacts (also when preparation came from the cache)."""
     rows = [
         {"split": split, "class": name, "count": count}
         for split, counts in dataset.stats.items()
         for name, count in counts.items()
     ]
     create_table_artifact(rows, key="dataset-stats", description=f"Dataset {dataset.version[:19]}")
-    return dataset

@@ -23,13 +23,13 @@ class ExportedModel:
 
 
 @task
-def export_model(
-    request, dataset: DatasetSpec, output_dir: Path, result: TrainResult, run_id: str
-) -> ExportedModel:
+def export_model(request, dataset: DatasetSpec, output_dir: Path, result: TrainResult, run_id: str) -> ExportedModel:
     ensure_active(run_id)
     job = make_job(request, dataset, "cpu", output_dir)  # export and the reference both run on the CPU
     trainer = get_trainer(request.trainer)
-    onnx_path = trainer.export_onnx(job, result.best_checkpoint, output_dir / "export" / "model.onnx", request.export.opset)
+    onnx_path = trainer.export_onnx(
+        job, result.best_checkpoint, output_dir / "export" / "model.onnx", request.export.opset
+    )
     write_label_map(onnx_path, result.labels, {"trainyard.dataset_version": dataset.version})
 
     batch = trainer.parity_inputs(job, request.export.parity_images)
@@ -39,7 +39,10 @@ def export_model(
     )
     get_run_logger().info(
         "ONNX parity on %d validation images: max |diff| %.2e (atol %g, rtol %g)",
-        parity.images, parity.max_abs_diff, parity.atol, parity.rtol,
+        parity.images,
+        parity.max_abs_diff,
+        parity.atol,
+        parity.rtol,
     )
     mlflow.log_metric("onnx_parity_max_abs_diff", parity.max_abs_diff)
     mlflow.set_tag("onnx.path", str(onnx_path))

@@ -46,6 +46,10 @@ def register_model(request, result: TrainResult, exported: ExportedModel, run_id
     )
     client = MlflowClient()
     client.set_registered_model_alias(request.registered_model, request.alias, version.version)
-    client.set_model_version_tag(request.registered_model, version.version, "onnx_parity_max_abs_diff",
-                                 f"{exported.parity.max_abs_diff:.3g}")
+    client.set_model_version_tag(
+        request.registered_model,
+        version.version,
+        "onnx_parity_max_abs_diff",
+        f"{exported.parity.max_abs_diff:.3g}",
+    )
     return RegisteredModel(request.registered_model, str(version.version), request.alias, version.source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -46,5 +47,8 @@ def make_job(request, dataset: DatasetSpec, device: str, output_dir: Path, callb
 @task
 def train_model(request, dataset: DatasetSpec, device: str, output_dir: Path, run_id: str) -> TrainResult:
     ensure_active(run_id)
+    # Prefect forwards the trainers' logger (PREFECT_LOGGING_EXTRA_LOGGERS) but leaves its level at the root's
+    # WARNING, which would drop the per-epoch INFO lines.
+    logging.getLogger("trainers").setLevel(logging.INFO)
     job = make_job(request, dataset, device, output_dir, [PrefectProgress()])
     return get_trainer(request.trainer).train(job)

@@ -79,9 +79,7 @@ def _tiny_config(name: str, image_size: int) -> Any:
             depths=[1, 1, 1, 1],
             layer_type="basic",
         )
-    raise ValueError(
-        f"model {name!r} is not known to the hf-image trainer; use vit-tiny, resnet-tiny or a directory"
-    )
+    raise ValueError(f"model {name!r} is not known to the hf-image trainer; use vit-tiny, resnet-tiny or a directory")
 
 
 def build_model(model: str, labels: list[str], image_size: int) -> PreTrainedModel:
@@ -127,9 +125,7 @@ def _trainer_class() -> type:
 
     for name in ("_load_from_checkpoint", "_load_best_model"):
         if not callable(getattr(Trainer, name, None)):  # pragma: no cover - a Transformers upgrade
-            raise RuntimeError(
-                f"transformers.Trainer has no {name}: review trainers/hf_image.py for this version"
-            )
+            raise RuntimeError(f"transformers.Trainer has no {name}: review trainers/hf_image.py for this version")
 
     class CheckpointSafeTrainer(Trainer):
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -158,9 +154,7 @@ class _Split:
         from trainers.data.classification import list_images
 
         if split not in job.dataset.splits:
-            raise ValueError(
-                f"dataset {job.dataset.root} has no {split!r} split (it has {sorted(job.dataset.splits)})"
-            )
+            raise ValueError(f"dataset {job.dataset.root} has no {split!r} split (it has {sorted(job.dataset.splits)})")
         self.items = list_images(Path(job.dataset.splits[split]), job.dataset.labels)
         self.transform = _transform(job, train=train)
 
@@ -306,9 +300,7 @@ def _use_cpu(device: str) -> bool:
 def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     if not output_dir.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
-    ]
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
     return sorted(found)
 
 
@@ -385,9 +377,7 @@ class HFImageTrainer(BaseTrainer):
         train_data = _Split(job, "train", train=True)
         val_data = _Split(job, "val", train=False)
         if not len(train_data) or not len(val_data):
-            raise ValueError(
-                f"dataset {job.dataset.root}: the train and val splits need at least one image each"
-            )
+            raise ValueError(f"dataset {job.dataset.root}: the train and val splits need at least one image each")
         steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
         use_cpu = _use_cpu(job.device)
 
@@ -477,9 +467,7 @@ class HFImageTrainer(BaseTrainer):
             for batch in loader:
                 pixels, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
                 logits = model(pixel_values=pixels).logits.float()
-                loss = F.cross_entropy(
-                    logits, labels, reduction="sum", label_smoothing=job.config.loss.label_smoothing
-                )
+                loss = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=job.config.loss.label_smoothing)
                 loss_sum += float(loss)
                 correct += int((logits.argmax(-1) == labels).sum())
         return {f"{split}_accuracy": correct / len(data), f"{split}_loss": loss_sum / len(data)}

@@ -33,8 +33,13 @@ def tiny_cnn(num_classes: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
     return nn.Sequential(
-        block(3, 32), block(32, 64), block(64, 96), block(96, 128),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
+        block(3, 32),
+        block(32, 64),
+        block(64, 96),
+        block(96, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, num_classes),
     )
 
 
@@ -129,7 +134,10 @@ class TorchClassifierTrainer(Trainer):
                 optimizer.step()
                 scheduler.step()
                 total, seen = total + loss.item() * len(targets), seen + len(targets)
-            metrics = {"train_loss": total / max(seen, 1), **_evaluate(model, val_loader, loss_fn, device, "val")}
+            metrics = {
+                "train_loss": total / max(seen, 1),
+                **_evaluate(model, val_loader, loss_fn, device, "val"),
+            }
             metrics["learning_rate"] = scheduler.get_last_lr()[0]
             _log_to_active_mlflow_run(metrics, epoch)
             job.emit_epoch(epoch, metrics)

@@ -51,7 +51,11 @@ def worker(stack):
     env = {**os.environ, **stack.client_env()}
     subprocess.run(
         [str(Path(os.sys.executable).parent / "prefect"), "--no-prompt", "deploy", "-n", "torch-shapes"],
-        cwd=ROOT, env=env, check=True, capture_output=True, timeout=180,
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
     )
     service = local_stack.services(stack)[2]
     local_stack._start(stack, service)
@@ -64,14 +68,21 @@ def worker(stack):
 def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker, shapes_cls, tmp_path):
     run = run_deployment(
         "train/torch-shapes",
-        parameters={"dataset": str(shapes_cls), "epochs": 2, "image_size": 32, "batch_size": 8,
-                    "registered_model": "deployment-test"},
+        parameters={
+            "dataset": str(shapes_cls),
+            "epochs": 2,
+            "image_size": 32,
+            "batch_size": 8,
+            "registered_model": "deployment-test",
+        },
         timeout=300,
     )
     assert run.state.is_completed(), run.state.message
 
     mlflow_run = mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'", output_format="list"
+        search_all_experiments=True,
+        filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'",
+        output_format="list",
     )
     assert [r.info.status for r in mlflow_run] == ["FINISHED"]
     version = MlflowClient().get_model_version_by_alias("deployment-test", "candidate")

@@ -16,7 +16,10 @@ from flows.train import train
         ({"epochs": 0}, "epochs\n  Input should be greater than or equal to 1"),
         ({"batch_size": -1}, "batch_size\n  Input should be greater than or equal to 1"),
         ({"trainer": "xgboost"}, "trainer\n  Input should be 'torch', 'hf-image' or 'yolo'"),
-        ({"model": "resnet9000"}, "model 'resnet9000' is not known to the torch trainer; use one of tiny-cnn"),
+        (
+            {"model": "resnet9000"},
+            "model 'resnet9000' is not known to the torch trainer; use one of tiny-cnn",
+        ),
         ({"dataset": "/no/such/dataset"}, "dataset path '/no/such/dataset' does not exist"),
         ({"loss": {"box_gain": 7.5}}, "loss option(s) box_gain are not taken by the torch trainer"),
         ({"augmentations": {"mosaic": 0.5}}, "augmentations.mosaic applies to detection (yolo) only"),
@@ -39,7 +42,9 @@ def test_yolo_refuses_classification_loss_options(shapes_cls):
 
 def _runs_of(flow_run_id) -> list:
     return mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", output_format="list"
+        search_all_experiments=True,
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+        output_format="list",
     )
 
 
@@ -75,8 +80,13 @@ def test_dataset_defect_fails_before_training_and_names_the_file(stack, shapes_c
 
 
 def test_training_failure_ends_the_mlflow_run_failed(stack, shapes_cls):
-    state = train(dataset=str(shapes_cls), model="tests.flows.models:exploding", epochs=1, image_size=32,
-                  return_state=True)
+    state = train(
+        dataset=str(shapes_cls),
+        model="tests.flows.models:exploding",
+        epochs=1,
+        image_size=32,
+        return_state=True,
+    )
     assert state.is_failed()
     with pytest.raises(RuntimeError, match="exploded on purpose"):
         state.result()

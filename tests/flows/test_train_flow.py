@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import onnx
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 
 from flows.train import train
 from trainers.export import read_label_map
@@ -53,23 +55,22 @@ def test_model_version_carries_onnx_checkpoint_and_label_map(finished, tmp_path)
     assert version.version == summary.model_version and version.run_id == summary.mlflow_run_id
 
     local = mlflow.artifacts.download_artifacts(f"models:/{summary.model_name}@candidate", dst_path=str(tmp_path))
-    files = {p.relative_to(local).as_posix() for p in __import__("pathlib").Path(local).rglob("*") if p.is_file()}
+    files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
     assert {"MLmodel", "model.onnx", "labels.json", "checkpoint/best.pt"} <= files
     onnx.checker.check_model(f"{local}/model.onnx")
-    assert read_label_map(__import__("pathlib").Path(local) / "model.onnx") == {0: "circle", 1: "square", 2: "triangle"}
+    assert read_label_map(Path(local) / "model.onnx") == {0: "circle", 1: "square", 2: "triangle"}
 
 
 def test_prefect_run_shows_progress_metrics_and_summary(finished):
     flow_run_id = finished.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            flow_run_filter=__import__("prefect.client.schemas.filters", fromlist=["x"]).FlowRunFilter(
-                id={"any_": [flow_run_id]}
-            )
-        )
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
     by_key = {a.key: a for a in artifacts}
     assert by_key["training-progress"].data == 100.0
-    assert {row["metric"] for row in json.loads(by_key["final-metrics"].data)} >= {"val_accuracy", "test_accuracy"}
+    assert {row["metric"] for row in json.loads(by_key["final-metrics"].data)} >= {
+        "val_accuracy",
+        "test_accuracy",
+    }
     assert "candidate" in by_key["training-summary"].data and "MLflow run" in by_key["training-summary"].data
     assert "no CUDA GPU visible" in by_key["compute-decision"].data or "CUDA GPU 0" in by_key["compute-decision"].data
     assert {row["split"] for row in json.loads(by_key["dataset-stats"].data)} == {"train", "val", "test"}
@@ -79,10 +80,16 @@ def test_rerun_on_unchanged_data_skips_dataset_preparation(finished, shapes_cls)
     state = train(dataset=str(shapes_cls), experiment="flow-tests", return_state=True, **{**FAST, "epochs": 1})
     assert state.is_completed(), state.message
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=__import__("prefect.client.schemas.filters", fromlist=["x"]).FlowRunFilter(
-                id={"any_": [state.state_details.flow_run_id]}
-            )
-        )
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
     prepare = next(r for r in runs if r.name.startswith("prepare_dataset"))
     assert prepare.state.name == "Cached"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
+    assert "dataset-stats" in {a.key for a in artifacts}  # the stats still show when preparation was cached
+
+
+def test_the_trainers_own_logs_appear_in_the_flow_run_logs(finished):
+    flow_run_id = finished.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [flow_run_id]}))
+    assert any(log.name == "trainers.torch" and "epoch 1/2" in log.message for log in logs)

@@ -23,9 +23,7 @@ def test_a_port_held_by_another_process_is_named_with_the_fix(tmp_path):
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        settings = dataclasses.replace(
-            local_stack.Settings.from_env(), home=tmp_path / "home", prefect_port=port
-        )
+        settings = dataclasses.replace(local_stack.Settings.from_env(), home=tmp_path / "home", prefect_port=port)
         with pytest.raises(local_stack.StackError) as error:
             local_stack._start(settings, local_stack.services(settings)[0])
     message = str(error.value)

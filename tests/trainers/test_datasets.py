@@ -222,9 +222,7 @@ def test_split_dir_that_does_not_exist(tiny_yolo: Path) -> None:
 
 
 def test_malformed_label_row_names_file_and_line(tiny_yolo: Path) -> None:
-    (tiny_yolo.parent / "labels" / "train" / "a.txt").write_text(
-        "0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2\n1 a b c d\n"
-    )
+    (tiny_yolo.parent / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2\n1 a b c d\n")
     only_defect(tiny_yolo, "labels/train/a.txt:2", "malformed row", "cls cx cy w h")
     only_defect(tiny_yolo, "labels/train/a.txt:3", "malformed row")
 
@@ -283,9 +281,7 @@ def test_non_ascii_yolo_names(tiny_yolo: Path) -> None:
 # --- versions ---------------------------------------------
 
 
-def test_version_is_stable_across_copies_and_changes_with_a_byte(
-    tiny_imagefolder: Path, tmp_path: Path
-) -> None:
+def test_version_is_stable_across_copies_and_changes_with_a_byte(tiny_imagefolder: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tiny_imagefolder, copy)
     version = load_dataset(tiny_imagefolder).version
@@ -343,9 +339,7 @@ def test_synthetic_detection_is_deterministic_and_valid(tmp_path: Path) -> None:
     assert first.stats["val"]["images"] == 4
 
 
-def test_synthetic_cli_makes_both_default_datasets_once(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_synthetic_cli_makes_both_default_datasets_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     synthetic_main([str(tmp_path)])
     printed = capsys.readouterr().out.split()
     assert printed == [

@@ -70,9 +70,7 @@ class Trained:
     evaluated: dict[str, dict[str, float]]
 
 
-def _job(
-    dataset: DatasetSpec, output_dir: Path, *, epochs: int = EPOCHS, model: str = "vit-tiny", **kw
-) -> TrainJob:
+def _job(dataset: DatasetSpec, output_dir: Path, *, epochs: int = EPOCHS, model: str = "vit-tiny", **kw) -> TrainJob:
     config = TrainConfig(
         dataset=str(dataset.root),
         trainer="hf-image",

@@ -31,8 +31,7 @@ def scan_imagefolder(root: Path) -> Scan:
     scan.defects.extend(_class_mismatches(classes))
     scan.labels = sorted({name for per_class in classes.values() for name in per_class})
     scan.stats = {
-        split: {name: len(images) for name, images in per_class.items()}
-        for split, per_class in classes.items()
+        split: {name: len(images) for name, images in per_class.items()} for split, per_class in classes.items()
     }
     return scan
 
@@ -62,9 +61,7 @@ def _scan_split(scan: Scan, split: str, directory: Path) -> dict[str, list[Path]
                     f"class folders hold only images ({_ACCEPTED}); remove it"
                 )
         if not images:
-            scan.defects.append(
-                f"{split}/{entry.name}/: empty class folder (no images); add images or remove it"
-            )
+            scan.defects.append(f"{split}/{entry.name}/: empty class folder (no images); add images or remove it")
         per_class[entry.name] = images
         scan.images.extend(images)
     if not per_class:
@@ -75,9 +72,7 @@ def _scan_split(scan: Scan, split: str, directory: Path) -> dict[str, list[Path]
 def _class_mismatches(classes: dict[str, dict[str, list[Path]]]) -> list[str]:
     """Every split must hold the same class folders, or the label maps of the splits would disagree."""
     present = {split: set(per_class) for split, per_class in classes.items() if per_class}
-    holders = {
-        name: [s for s in present if name in present[s]] for names in present.values() for name in names
-    }
+    holders = {name: [s for s in present if name in present[s]] for names in present.values() for name in names}
     spellings: dict[str, list[str]] = defaultdict(list)  # names equal but for case or Unicode normalisation
     for name in sorted(holders):
         spellings[_loose(name)].append(name)

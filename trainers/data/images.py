@@ -65,9 +65,7 @@ def inspect_images(paths: Sequence[Path], root: Path) -> tuple[list[str], dict[P
     defects: list[str] = []
     digests: dict[Path, bytes] = {}
     with ThreadPoolExecutor(WORKERS) as pool:
-        for path, (defect, digest) in zip(
-            paths, pool.map(lambda p: inspect_image(p, root), paths), strict=True
-        ):
+        for path, (defect, digest) in zip(paths, pool.map(lambda p: inspect_image(p, root), paths), strict=True):
             if defect:
                 defects.append(defect)
             elif digest is not None:

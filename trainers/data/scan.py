@@ -15,9 +15,7 @@ class Scan:
     labels: list[str]  # class index -> name
     splits: dict[str, Path]  # split -> imagefolder split dir, or yolo images dir
     images: list[Path] = field(default_factory=list)  # every image, to be decoded
-    files: list[Path] = field(
-        default_factory=list
-    )  # every file that makes up the dataset: what the version hashes
+    files: list[Path] = field(default_factory=list)  # every file that makes up the dataset: what the version hashes
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     defects: list[str] = field(default_factory=list)
     data_yaml: Path | None = None

@@ -105,10 +105,7 @@ def _random_box(rng: np.random.Generator, image_size: int, low: float, high: flo
 
 def _overlaps(box: Box, others: list[Box], margin: int = 2) -> bool:
     return any(
-        box[0] <= o[2] + margin
-        and o[0] <= box[2] + margin
-        and box[1] <= o[3] + margin
-        and o[1] <= box[3] + margin
+        box[0] <= o[2] + margin and o[0] <= box[2] + margin and box[1] <= o[3] + margin and o[1] <= box[3] + margin
         for o in others
     )
 
@@ -194,9 +191,7 @@ def make_shapes_detection(
             "val": "images/val",
             "names": dict(enumerate(classes)),
         }
-        (out / "data.yaml").write_text(
-            yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8"
-        )
+        (out / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return root / "data.yaml"
 
 

@@ -77,9 +77,7 @@ def _read_config(data_yaml: Path) -> dict[str, Any]:
 def _root(data_yaml: Path, config: dict[str, Any]) -> Path:
     """`path` from data.yaml, relative to the yaml's folder; the yaml's folder when absent."""
     raw = config.get("path")
-    root = (
-        data_yaml.parent if raw in (None, "") else (data_yaml.parent / Path(str(raw)).expanduser()).resolve()
-    )
+    root = data_yaml.parent if raw in (None, "") else (data_yaml.parent / Path(str(raw)).expanduser()).resolve()
     if not root.is_dir():
         raise DatasetError(root, [f"{data_yaml.name}: path: {raw!r} is not a directory (resolved to {root})"])
     return root
@@ -93,9 +91,7 @@ def _names(data_yaml: Path, config: dict[str, Any]) -> list[str]:
         names = raw
     elif isinstance(raw, dict):
         ids = list(raw)
-        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) and sorted(ids) == list(
-            range(len(ids))
-        ):
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) and sorted(ids) == list(range(len(ids))):
             names = [raw[i] for i in range(len(ids))]
         else:
             defects.append(f"names: class ids must be the integers 0..{len(ids) - 1} with no gaps, got {ids}")
@@ -118,14 +114,10 @@ def _names(data_yaml: Path, config: dict[str, Any]) -> list[str]:
 
 def _split_dir(root: Path, value: Any) -> Path | None:
     if not isinstance(value, str) or not value:
-        return (
-            None  # lists of folders and .txt image lists are Ultralytics options this platform does not take
-        )
+        return None  # lists of folders and .txt image lists are Ultralytics options this platform does not take
     directory = (root / value).resolve()
     if not directory.exists() and value.startswith("../"):
-        directory = (
-            root / value[3:]
-        ).resolve()  # Roboflow exports say ../train/images; Ultralytics accepts it
+        directory = (root / value[3:]).resolve()  # Roboflow exports say ../train/images; Ultralytics accepts it
     return directory if directory.is_dir() else None
 
 
@@ -157,9 +149,7 @@ def _scan_split(scan: Scan, split: str, images_dir: Path) -> None:
                 f"{relative(expected[label], scan.root)}; rename one of the two images"
             )
         expected[label] = image
-    found = (
-        {f for f in walk_files(labels_dir) if f.suffix.lower() == ".txt"} if labels_dir.is_dir() else set()
-    )
+    found = {f for f in walk_files(labels_dir) if f.suffix.lower() == ".txt"} if labels_dir.is_dir() else set()
     for orphan in sorted(found - expected.keys()):
         scan.files.append(orphan)
         scan.defects.append(

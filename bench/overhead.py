@@ -1,0 +1,70 @@
+"""Platform overhead: the same torch-trainer job run directly through trainers/ and through the full flow.
+
+Direct = validate the dataset, train, evaluate, export to ONNX and check parity, as plain function calls.
+Flow   = the train flow on the running stack (`make up`): the same work plus Prefect tasks, artifacts, the MLflow
+         run, and model registration.
+
+    python bench/overhead.py [--epochs 12]
+Last line: overhead_ratio=<flow/direct>
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from infra.settings import Settings
+from trainers.base import TrainJob
+from trainers.config import TrainConfig
+from trainers.data.synthetic import make_shapes_classification
+from trainers.data.validate import load_dataset
+from trainers.export import check_onnx_parity
+from trainers.torch_classifier import TorchClassifierTrainer
+
+
+def direct(config: TrainConfig, out: Path) -> float:
+    start = time.perf_counter()
+    dataset = load_dataset(config.dataset)
+    job = TrainJob(config, dataset, out, "cpu")
+    trainer = TorchClassifierTrainer()
+    result = trainer.train(job)
+    for split in ("val", "test"):
+        trainer.evaluate(job, result.best_checkpoint, split)
+    onnx_path = trainer.export_onnx(job, result.best_checkpoint, out / "model.onnx", 17)
+    batch = trainer.parity_inputs(job, 8)
+    check_onnx_parity(onnx_path, batch, trainer.torch_outputs(job, result.best_checkpoint, batch), atol=1e-3, rtol=1e-3)
+    return time.perf_counter() - start
+
+
+def through_flow(params: dict) -> float:
+    from flows.train import train
+
+    start = time.perf_counter()
+    state = train(**params, experiment="bench-overhead", return_state=True)
+    elapsed = time.perf_counter() - start
+    assert state.is_completed(), state.message
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=12)
+    args = parser.parse_args()
+    settings = Settings.from_env()
+    dataset = make_shapes_classification(settings.home / "datasets" / "shapes-cls")
+    params = {"dataset": str(dataset), "epochs": args.epochs, "learning_rate": 0.003, "image_size": 64}
+
+    through_flow({**params, "epochs": 1})  # warm-up: imports, server-side caches, experiment creation
+    with tempfile.TemporaryDirectory() as tmp:
+        direct_s = direct(TrainConfig(**params), Path(tmp))
+    flow_s = through_flow(params)
+    print(f"direct_s={direct_s:.2f}")
+    print(f"flow_s={flow_s:.2f}")
+    print(f"fixed_overhead_s={flow_s - direct_s:.2f}")
+    print(f"overhead_ratio={flow_s / direct_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

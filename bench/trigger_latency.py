@@ -1,0 +1,98 @@
+"""Trigger latency: from `prefect deployment run` to the first training step, through the local worker.
+
+t0 is taken just before the CLI command starts. The first training step is the moment the trainer enters its
+loop: model built, data loaders ready, the progress artifact created (its server timestamp). The figure is the
+median over --runs triggers. It needs the running stack with deployments applied (`make deploy`).
+
+    python bench/trigger_latency.py [--runs 3]
+Last line: trigger_to_first_step_s=<s>
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter
+
+from infra.settings import Settings
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def trigger(dataset: str) -> tuple[float, str]:
+    t0 = datetime.now(UTC)
+    out = subprocess.run(
+        [
+            PREFECT,
+            "deployment",
+            "run",
+            "train/torch-shapes",
+            "--param",
+            f"dataset={dataset}",
+            "--param",
+            "epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **Settings.from_env().client_env()},
+    ).stdout
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    return t0.timestamp(), flow_run_id
+
+
+def first_step_and_created(flow_run_id: str, timeout: float = 180) -> tuple[float, float]:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key={"any_": ["training-progress"]}),
+                flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}),
+            )
+            if artifacts:
+                created = client.read_flow_run(flow_run_id).created
+                return artifacts[0].created.timestamp(), created.timestamp()
+            time.sleep(0.2)
+    raise TimeoutError(f"flow run {flow_run_id} did not reach its first training step in {timeout} s")
+
+
+def wait_finished(flow_run_id: str) -> None:
+    with get_client(sync_client=True) as client:
+        while not (state := client.read_flow_run(flow_run_id).state) or not state.is_final():
+            time.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    from trainers.data.synthetic import make_shapes_classification
+
+    dataset = str(make_shapes_classification(Settings.from_env().home / "datasets" / "shapes-cls"))
+    totals, from_created = [], []
+    for i in range(args.runs + 1):  # the first run warms the dataset cache and the OS page cache
+        t0, flow_run_id = trigger(dataset)
+        first_step, created = first_step_and_created(flow_run_id)
+        wait_finished(flow_run_id)  # one at a time: the next trigger must not queue behind this run
+        if i:
+            totals.append(first_step - t0)
+            from_created.append(first_step - created)
+            print(
+                f"run {i}: trigger->first step {first_step - t0:.2f} s (flow run created->first step "
+                f"{first_step - created:.2f} s)"
+            )
+    print(f"created_to_first_step_s={statistics.median(from_created):.2f}")
+    print(f"trigger_to_first_step_s={statistics.median(totals):.2f}")
+
+
+if __name__ == "__main__":
+    main()
