@@ -4,13 +4,17 @@ Direct = validate the dataset, train, evaluate, export to ONNX and check parity,
 Flow   = the train flow on the running stack (`make up`): the same work plus Prefect tasks, artifacts, the MLflow
          run, and model registration.
 
-    python bench/overhead.py [--epochs 12]
+Training time on a shared 2-core machine varies by +-15 % run to run, so the two paths alternate --repeats times
+and the medians are compared.
+
+    python bench/overhead.py [--epochs 20] [--repeats 3]
 Last line: overhead_ratio=<flow/direct>
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -50,16 +54,21 @@ def through_flow(params: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20, help="20 epochs: about 30 s of training here")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     settings = Settings.from_env()
     dataset = make_shapes_classification(settings.home / "datasets" / "shapes-cls")
     params = {"dataset": str(dataset), "epochs": args.epochs, "learning_rate": 0.003, "image_size": 64}
 
     through_flow({**params, "epochs": 1})  # warm-up: imports, server-side caches, experiment creation
-    with tempfile.TemporaryDirectory() as tmp:
-        direct_s = direct(TrainConfig(**params), Path(tmp))
-    flow_s = through_flow(params)
+    direct_runs, flow_runs = [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            direct_runs.append(direct(TrainConfig(**params), Path(tmp)))
+        flow_runs.append(through_flow(params))
+        print(f"direct {direct_runs[-1]:.2f} s, flow {flow_runs[-1]:.2f} s", flush=True)
+    direct_s, flow_s = statistics.median(direct_runs), statistics.median(flow_runs)
     print(f"direct_s={direct_s:.2f}")
     print(f"flow_s={flow_s:.2f}")
     print(f"fixed_overhead_s={flow_s - direct_s:.2f}")

@@ -57,4 +57,6 @@ class Settings:
             "DO_NOT_TRACK": "1",
             # Trainers log through these loggers; Prefect forwards them into the flow run's logs.
             "PREFECT_LOGGING_EXTRA_LOGGERS": "trainers,ultralytics,transformers",
+            # ...and stays quiet about them when a trainer runs outside any flow (a script, a notebook).
+            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         }

@@ -26,12 +26,19 @@ class RegisteredModel:
     source: str
 
 
+def _serving_requirements() -> list[str]:
+    """What serving the ONNX model needs. Stated, because MLflow's inference spends seconds in a subprocess."""
+    import onnxruntime
+
+    return [f"mlflow=={mlflow.__version__}", f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
+
+
 @task
 def register_model(request, result: TrainResult, exported: ExportedModel, run_id: str) -> RegisteredModel:
     ensure_active(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        mlflow.onnx.save_model(onnx.load(str(exported.onnx_path)), model_dir)
+        mlflow.onnx.save_model(onnx.load(str(exported.onnx_path)), model_dir, pip_requirements=_serving_requirements())
         checkpoint_dir = model_dir / "checkpoint"
         checkpoint_dir.mkdir()
         best = result.best_checkpoint
@@ -42,7 +49,10 @@ def register_model(request, result: TrainResult, exported: ExportedModel, run_id
         (model_dir / "labels.json").write_text(json.dumps(dict(enumerate(result.labels)), ensure_ascii=False))
         mlflow.log_artifacts(str(model_dir), "model")
     version = mlflow.register_model(
-        f"runs:/{run_id}/model", request.registered_model, tags={"trainer": request.trainer}
+        f"runs:/{run_id}/model",
+        request.registered_model,
+        tags={"trainer": request.trainer},
+        await_registration_for=0,  # the version is READY at once here; the default wait sleeps seconds
     )
     client = MlflowClient()
     client.set_registered_model_alias(request.registered_model, request.alias, version.version)
