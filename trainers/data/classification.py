@@ -11,20 +11,22 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from trainers.config import Augmentations
+from trainers.data.images import is_image_name, walk_files
 from trainers.data.spec import DatasetSpec
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MEAN = STD = (0.5, 0.5, 0.5)  # fixed, so an exported model needs no statistics from the training set
 
 
 def list_images(split_dir: Path, labels: list[str]) -> list[tuple[Path, int]]:
-    """(image, class index) for every image under each class folder, nested folders included, sorted."""
-    items = []
-    for index, name in enumerate(labels):
-        for path in sorted((split_dir / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                items.append((path, index))
-    return items
+    """(image, class index) for every image under each class folder, nested folders included, sorted.
+
+    The same walk as validation, so training sees exactly the images that were checked and counted."""
+    return [
+        (path, index)
+        for index, name in enumerate(labels)
+        for path in walk_files(split_dir / name)
+        if is_image_name(path.name)
+    ]
 
 
 def eval_transform(image_size: int) -> v2.Compose:
