@@ -1,0 +1,138 @@
+"""The platform store: compute profiles and the attempts ledger (sqlmodel; SQLite by default, any SQLAlchemy URL).
+
+    TRAINYARD_STORE_URL=postgresql+psycopg://user@host/db   (default: sqlite:///$TRAINYARD_HOME/trainyard.db)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Literal
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from infra.settings import Settings
+
+ProfileKind = Literal["process", "docker", "kubernetes", "ecs"]
+Outcome = Literal["submitted", "running", "completed", "failed", "crashed", "cancelled", "no-worker", "late"]
+
+
+class ComputeProfile(SQLModel, table=True):
+    """A named place to train: a Prefect work pool and the training-step deployment that runs there."""
+
+    __tablename__ = "compute_profiles"
+
+    name: str = Field(primary_key=True)
+    kind: str = "process"  # ProfileKind
+    work_pool: str
+    deployment: str  # "<flow name>/<deployment name>" of the training step on this pool
+    gpu_type: str | None = None
+    gpu_count: int = 0
+    gpu_memory_gb: float = 0.0  # per GPU
+    cpu_cores: int = 1
+    ram_gb: float = 1.0
+    price_per_hour: float = 0.0  # USD
+    speed: float = 1.0  # relative throughput; this machine's CPU is 1.0
+    max_concurrent: int = 1
+    priority: int = 100  # lower goes first where the request gives no order
+    credential_blocks: list[str] = Field(default_factory=list, sa_column=Column(JSON))  # "<type>/<name>" slugs
+    enabled: bool = True
+
+
+class Attempt(SQLModel, table=True):
+    """One try of a training request on one profile: the ledger behind fallback, cost estimates and audits."""
+
+    __tablename__ = "attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(index=True)  # the train flow run's id: stable across the request's attempts
+    profile: str = Field(index=True)
+    flow_run_id: str | None = None  # the training-step flow run on the profile's pool
+    trainer: str = ""
+    dataset_version: str = ""
+    started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    ended_at: datetime | None = None
+    outcome: str = "submitted"  # Outcome
+    reason: str = ""
+    estimated_cost_usd: float | None = None
+    actual_cost_usd: float | None = None
+
+
+def store_url() -> str:
+    return os.environ.get("TRAINYARD_STORE_URL") or f"sqlite:///{Settings.from_env().home / 'trainyard.db'}"
+
+
+class Store:
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or store_url()
+        if self.url.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(self.url.removeprefix("sqlite:///")) or ".", exist_ok=True)
+        self.engine = create_engine(self.url, pool_pre_ping=True)
+        SQLModel.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    # --- profiles ---
+    def profiles(self, enabled_only: bool = False) -> list[ComputeProfile]:
+        with self.session() as session:
+            query = select(ComputeProfile).order_by(ComputeProfile.priority, ComputeProfile.name)
+            if enabled_only:
+                query = query.where(ComputeProfile.enabled == True)  # noqa: E712 (SQL expression)
+            return list(session.exec(query))
+
+    def profile(self, name: str) -> ComputeProfile | None:
+        with self.session() as session:
+            return session.get(ComputeProfile, name)
+
+    def save_profile(self, profile: ComputeProfile) -> ComputeProfile:
+        with self.session() as session:
+            merged = session.merge(profile)
+            session.commit()
+            return merged
+
+    def remove_profile(self, name: str) -> bool:
+        with self.session() as session:
+            profile = session.get(ComputeProfile, name)
+            if profile is None:
+                return False
+            session.delete(profile)
+            session.commit()
+            return True
+
+    # --- attempts ---
+    def record_attempt(self, attempt: Attempt) -> Attempt:
+        with self.session() as session:
+            session.add(attempt)
+            session.commit()
+            session.refresh(attempt)
+            return attempt
+
+    def finish_attempt(self, attempt_id: int, outcome: str, reason: str, actual_cost_usd: float | None = None) -> None:
+        with self.session() as session:
+            attempt = session.get(Attempt, attempt_id)
+            attempt.outcome, attempt.reason = outcome, reason
+            attempt.ended_at = datetime.now(UTC)
+            attempt.actual_cost_usd = actual_cost_usd
+            session.add(attempt)
+            session.commit()
+
+    def update_attempt(self, attempt_id: int, **values) -> None:
+        with self.session() as session:
+            attempt = session.get(Attempt, attempt_id)
+            for key, value in values.items():
+                setattr(attempt, key, value)
+            session.add(attempt)
+            session.commit()
+
+    def attempts(self, request_id: str | None = None) -> list[Attempt]:
+        with self.session() as session:
+            query = select(Attempt).order_by(Attempt.id)
+            if request_id:
+                query = query.where(Attempt.request_id == request_id)
+            return list(session.exec(query))
