@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from infra.compute import PROFILES
 from trainers.config import StrictModel, TrainConfig
 
 
@@ -22,6 +21,32 @@ class ExportOptions(StrictModel):
     parity_rtol: float = Field(1e-3, ge=0, description="Relative tolerance (times |torch|).")
 
 
+class ComputeOptions(StrictModel):
+    """Where training may run: compute profiles (see `python -m infra.profiles list`), how to choose, what it needs."""
+
+    profiles: list[str] = Field(
+        default_factory=list, description="Profile names in order of preference (empty: every enabled profile)."
+    )
+    strategy: Literal["preferred", "cheapest", "fastest", "queue"] = Field(
+        "preferred", description="preferred: the list order; cheapest/fastest: by estimate; queue: wait for the first."
+    )
+    gpus: int = Field(0, ge=0, le=64, description="GPUs the training needs.")
+    gpu_memory_gb: float = Field(0, ge=0, description="Memory per GPU it needs (alone: one GPU with this much).")
+    cpu_cores: int = Field(1, ge=1, description="CPU cores it needs.")
+    ram_gb: float = Field(0, ge=0, description="RAM it needs.")
+    budget_usd: float | None = Field(None, gt=0, description="Refuse to start when the cheapest estimate exceeds it.")
+    default_hours: float = Field(
+        0.25, gt=0, description="Expected duration at speed 1.0 when no earlier attempt of this job is known."
+    )
+    start_deadline_s: float = Field(
+        60, gt=0, description="An attempt not running after this many seconds is cancelled and the next profile tried."
+    )
+    queue_timeout_s: float = Field(600, gt=0, description="How long the queue strategy waits for its profile.")
+    fallback_on_failure: bool = Field(
+        False, description="Also fall back when the training code fails (default: only when the infrastructure does)."
+    )
+
+
 class TrainRequest(TrainConfig):
     """Train, evaluate, export and register one model."""
 
@@ -30,7 +55,7 @@ class TrainRequest(TrainConfig):
         None, description="MLflow registered model name (default: '<dataset folder>-<trainer>')."
     )
     alias: str = Field("candidate", description="MLflow alias set on the new model version.")
-    compute: list[str] = Field(["local"], min_length=1, description="Compute profiles, in order of preference.")
+    compute: ComputeOptions = Field(default_factory=ComputeOptions)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'cuda' refuses to run without a GPU.")
     export: ExportOptions = Field(default_factory=ExportOptions)
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the MLflow run.")
@@ -41,14 +66,6 @@ class TrainRequest(TrainConfig):
         # MLflow rejects aliases like "v3" (reserved for versions) and anything not identifier-like.
         if not re.fullmatch(r"[A-Za-z_][\w-]*", value) or re.fullmatch(r"[vV]\d+", value):
             raise ValueError(f"alias {value!r} must be a name like 'candidate' (letters, digits, _ or -; not v<N>)")
-        return value
-
-    @field_validator("compute")
-    @classmethod
-    def _known_profiles(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in PROFILES]
-        if unknown:
-            raise ValueError(f"unknown compute profile(s) {unknown}; known: {', '.join(PROFILES)}")
         return value
 
     @model_validator(mode="after")

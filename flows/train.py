@@ -1,6 +1,7 @@
-"""The train flow: prepare_dataset -> select_compute -> train -> evaluate -> export -> register.
+"""The train flow: prepare_dataset -> select_compute -> train (with fallback) -> evaluate -> export -> register.
 
-One MLflow run records the whole pipeline; the Prefect run shows each stage, live progress and a summary.
+One MLflow run records the whole pipeline, across every attempt; the Prefect run shows each stage, live progress,
+every compute attempt and a summary.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from tasks.compute import select_compute
 from tasks.dataset import prepare_dataset, publish_dataset_stats
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
+from tasks.placement import train_on_compute
 from tasks.registry import register_model
 from tasks.report import publish_summary
 from tasks.tracking import end_runs_left_running, pipeline_run
-from tasks.training import train_model
 from trainers.registry import trainer_spec
 
 
@@ -31,6 +32,7 @@ class TrainSummary:
     model_version: str
     onnx_path: str
     metrics: dict[str, float]
+    compute_reasons: dict[str, str]  # every profile and why it was (not) chosen
 
 
 def _close_mlflow_run(flow, run, state) -> None:
@@ -44,14 +46,14 @@ def train(**parameters) -> TrainSummary:
     request = TrainRequest(**parameters)
     dataset = prepare_dataset(request.dataset, trainer_spec(request.trainer).dataset_format)
     publish_dataset_stats(dataset)
-    compute = select_compute(request.compute, request.device)
-    output_dir = Settings.from_env().runs_dir / str(flow_run.id or "local")
+    ranking = select_compute(request, dataset.version)
+    output_dir = Settings.from_env().runs_dir / str(flow_run.id or "local")  # shared by every attempt
 
-    with pipeline_run(request, dataset, compute.device) as run_id:
-        result = train_model(request, dataset, compute.device, output_dir, run_id)
-        metrics = evaluate_model(request, dataset, compute.device, output_dir, result, run_id)
+    with pipeline_run(request, dataset, ranking) as run_id:
+        result = train_on_compute(request, dataset, ranking, output_dir, run_id)
+        metrics = evaluate_model(request, dataset, output_dir, result, run_id)
         exported = export_model(request, dataset, output_dir, result, run_id)
         model = register_model(request, result, exported, run_id)
         run_url = publish_summary(request, run_id, metrics, exported, model)
 
-    return TrainSummary(run_id, run_url, model.name, model.version, str(exported.onnx_path), metrics)
+    return TrainSummary(run_id, run_url, model.name, model.version, str(exported.onnx_path), metrics, ranking.reasons)

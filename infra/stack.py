@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from infra.automations import HEARTBEAT_S, ensure_zombie_automation
 from infra.settings import ROOT, Settings
 
 BIN = Path(sys.executable).parent
@@ -100,6 +101,8 @@ def services(settings: Settings) -> list[Service]:
             {
                 "PREFECT_WORKER_QUERY_SECONDS": "1",
                 "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
+                # Runs it starts send heartbeats; the zombie automation marks them Crashed when those stop.
+                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
                 "PREFECT_HOME": str(home / "prefect"),
             },
         ),
@@ -214,6 +217,8 @@ def up(settings: Settings, worker: bool = True) -> None:
     for service in servers:
         _wait_healthy(settings, service)
     ensure_work_pool(settings)
+    if ensure_zombie_automation():
+        print("  automation: zombie runs are marked Crashed after 60 s without a heartbeat")
     if worker:
         _start(settings, worker_service)
     env_file = write_env_file(settings)

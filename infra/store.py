@@ -1,6 +1,6 @@
 """The platform store: compute profiles and the attempts ledger (sqlmodel; SQLite by default, any SQLAlchemy URL).
 
-    TRAINYARD_STORE_URL=postgresql+psycopg://user@host/db   (default: sqlite:///$TRAINYARD_HOME/trainyard.db)
+TRAINYARD_STORE_URL=postgresql+psycopg://user@host/db   (default: sqlite:///$TRAINYARD_HOME/trainyard.db)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from sqlalchemy import JSON, Column
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from infra.settings import Settings
@@ -95,6 +96,25 @@ class Store:
             merged = session.merge(profile)
             session.commit()
             return merged
+
+    def add_profile(self, profile: ComputeProfile) -> bool:
+        """Insert the profile unless one of that name exists (never overwrites); True when inserted."""
+        with self.session() as session:
+            if session.get(ComputeProfile, profile.name) is not None:
+                return False
+            session.add(profile)
+            try:
+                session.commit()
+            except IntegrityError:  # inserted concurrently by another process
+                session.rollback()
+                return False
+            return True
+
+    def seed(self, path: str | os.PathLike | None = None) -> list[str]:
+        """Insert the profiles of a YAML seed (default infra/profiles.yaml) that the store lacks; the added names."""
+        from infra.profiles import seed_profiles
+
+        return seed_profiles(self, path).added
 
     def remove_profile(self, name: str) -> bool:
         with self.session() as session:

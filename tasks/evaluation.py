@@ -8,6 +8,7 @@ import mlflow
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
+from infra.compute import local_device
 from tasks.tracking import ensure_active
 from tasks.training import make_job
 from trainers.base import TrainResult
@@ -17,10 +18,10 @@ from trainers.registry import get_trainer
 
 @task
 def evaluate_model(
-    request, dataset: DatasetSpec, device: str, output_dir: Path, result: TrainResult, run_id: str
+    request, dataset: DatasetSpec, output_dir: Path, result: TrainResult, run_id: str
 ) -> dict[str, float]:
     ensure_active(run_id)
-    job = make_job(request, dataset, device, output_dir)
+    job = make_job(request, dataset, local_device(request.device), output_dir)
     trainer = get_trainer(request.trainer)
     metrics: dict[str, float] = {}
     for split in ("val", "test"):

@@ -37,7 +37,7 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def pipeline_run(request, dataset: DatasetSpec, device: str) -> Iterator[str]:
+def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
     """Start the run, yield its id; end it FINISHED, or FAILED (KILLED on cancel) when the stage raises."""
     mlflow.set_experiment(request.experiment)
     ui = flow_run.ui_url
@@ -49,7 +49,8 @@ def pipeline_run(request, dataset: DatasetSpec, device: str) -> Iterator[str]:
         "dataset.format": dataset.format,
         "dataset.labels": json.dumps(dataset.label_map, ensure_ascii=False),
         "git.commit": git_commit(),
-        "device": device,
+        "compute.order": ",".join(p.name for p in ranking.candidates),
+        "compute.strategy": request.compute.strategy,
         TAG_FLOW_RUN: str(flow_run.id or ""),
         "prefect.flow_run_url": ui or "",
         "mlflow.note.content": f"Prefect run: {ui}" if ui else "",
@@ -69,6 +70,24 @@ def pipeline_run(request, dataset: DatasetSpec, device: str) -> Iterator[str]:
     finally:
         mlflow.flush_async_logging()
         mlflow.end_run(status=status)
+
+
+@contextlib.contextmanager
+def attached_run(run_id: str) -> Iterator[None]:
+    """Make the pipeline's run active in this process (a training step on another pool) without ending it.
+
+    The train flow owns the run's status; leaving, this step only detaches, so one MLflow run spans every attempt.
+    """
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield  # already active here: the training step runs inside the train flow's own process
+        return
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield
+    finally:
+        mlflow.flush_async_logging()
+        mlflow.end_run(status="RUNNING")
 
 
 def end_runs_left_running(flow_run_id: str, status: str = "FAILED") -> int:

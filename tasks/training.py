@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import mlflow
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -50,5 +51,6 @@ def train_model(request, dataset: DatasetSpec, device: str, output_dir: Path, ru
     # Prefect forwards the trainers' logger (PREFECT_LOGGING_EXTRA_LOGGERS) but leaves its level at the root's
     # WARNING, which would drop the per-epoch INFO lines.
     logging.getLogger("trainers").setLevel(logging.INFO)
+    mlflow.set_tag("device", device)
     job = make_job(request, dataset, device, output_dir, [PrefectProgress()])
     return get_trainer(request.trainer).train(job)

@@ -72,7 +72,9 @@ def test_prefect_run_shows_progress_metrics_and_summary(finished):
         "test_accuracy",
     }
     assert "candidate" in by_key["training-summary"].data and "MLflow run" in by_key["training-summary"].data
-    assert "no CUDA GPU visible" in by_key["compute-decision"].data or "CUDA GPU 0" in by_key["compute-decision"].data
+    decision = by_key["compute-decision"].data
+    assert "Compute: **local** first" in decision
+    assert "| k8s-a100 | disabled |" in decision  # every profile shows why it was not chosen
     assert {row["split"] for row in json.loads(by_key["dataset-stats"].data)} == {"train", "val", "test"}
 
 

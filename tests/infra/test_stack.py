@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from infra import stack as local_stack
-from infra.compute import ComputeProfile, NoComputeError, select_compute
+from infra.compute import NoComputeError, local_device
 
 
 def test_up_again_reuses_the_running_servers(stack, capsys):
@@ -30,9 +30,12 @@ def test_a_port_held_by_another_process_is_named_with_the_fix(tmp_path):
     assert f"port {port}" in message and "TRAINYARD_PREFECT_PORT" in message and "python" in message
 
 
-def test_cpu_only_machine_selects_local_cpu_with_a_reason():
-    decision = select_compute([ComputeProfile("local", device="cpu")])
-    assert decision.device == "cpu" and "CPU" in decision.reason
+def test_cpu_only_machine_trains_on_the_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the CPU-only case needs one without")
+    assert local_device("auto") == "cpu" and local_device("cpu") == "cpu"
 
 
 def test_a_gpu_request_without_a_gpu_is_refused_at_once():
@@ -40,5 +43,14 @@ def test_a_gpu_request_without_a_gpu_is_refused_at_once():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the refusal is for machines without one")
-    with pytest.raises(NoComputeError, match="needs a GPU and none is visible"):
-        select_compute([ComputeProfile("local")], needs_gpu=True)
+    with pytest.raises(NoComputeError, match="needs a GPU"):
+        local_device("cuda")
+
+
+@pytest.mark.gpu
+def test_a_visible_gpu_is_used():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU with a driver (run on the GPU machine)")
+    assert local_device("auto") == "cuda:0" and local_device("cpu") == "cpu"

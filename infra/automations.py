@@ -1,0 +1,55 @@
+"""Automations Trainyard's setup creates on the Prefect server.
+
+Zombie runs: a flow run whose host or worker died stays Running for ever. Flow runs started by a worker send a
+heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30, set for the worker by the stack); this automation
+marks a run Crashed when its heartbeats stop for ZOMBIE_AFTER, so fallback and cleanup can act on it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+HEARTBEAT_S = 30  # Prefect's minimum
+ZOMBIE_AFTER = timedelta(seconds=60)  # two missed heartbeats
+ZOMBIE_AUTOMATION = "trainyard: mark zombie flow runs Crashed"
+
+
+def ensure_zombie_automation() -> bool:
+    """Create the automation if it is missing; True when it was created."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION)
+        return False
+    except ValueError:
+        pass
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="Flow runs whose heartbeats stopped (host or worker lost) end Crashed instead of Running.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=ZOMBIE_AFTER,
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"No heartbeat for {ZOMBIE_AFTER.seconds} s: its host or worker was lost.",
+            )
+        ],
+    ).create()
+    return True

@@ -1,0 +1,242 @@
+"""Stage 3: run the training step on the best compute profile, and on the next one when that place fails.
+
+Each attempt ends one way, and each is recorded in the attempts ledger, a table artifact and the MLflow run:
+- no-worker: the profile's pool had no online worker at submission time -> next profile at once
+- full: the profile's concurrency slots are all held (its global concurrency limit) -> next profile
+- late: not running by the start deadline -> cancelled, so it can never start late and twice -> next profile
+- crashed: the infrastructure failed (container engine missing, pod failed, worker lost) -> next profile, which
+  resumes from the last checkpoint in the shared checkpoint directory
+- failed: the training code raised -> stop: another machine would fail the same way (unless fallback_on_failure)
+- completed
+Attempts run one after another, never two at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import mlflow
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
+from prefect.states import Cancelled
+
+from flows.train_step import read_result
+from infra.compute import local_device
+from infra.pools import observe
+from infra.selection import Ranking
+from infra.store import Attempt, ComputeProfile, Store
+from tasks.compute import current_work_pool, runs_here
+from tasks.tracking import ensure_active
+from tasks.training import train_model
+from trainers.base import TrainResult
+from trainers.data.spec import DatasetSpec
+
+POLL_S = 0.5
+
+
+class TrainingFailed(RuntimeError):
+    """The training code failed on a healthy machine; retrying elsewhere would fail the same way."""
+
+
+class NoComputeLeft(RuntimeError):
+    """Every eligible profile was tried and none could run the training."""
+
+
+def profile_limit(profile: ComputeProfile) -> str:
+    return f"trainyard-profile-{profile.name}"
+
+
+def ensure_profile_limit(profile: ComputeProfile) -> None:
+    """One strict global concurrency limit per profile, sized by its max_concurrent: it never oversubscribes."""
+    name = profile_limit(profile)
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+            if limit.limit != profile.max_concurrent:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=profile.max_concurrent))
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=profile.max_concurrent)
+            )
+
+
+@contextlib.contextmanager
+def profile_slot(profile: ComputeProfile) -> Iterator[bool]:
+    """Hold one of the profile's slots for the attempt; yields False at once when all are taken.
+
+    The slot is a lease renewed in the background: if this process dies, it frees itself within a minute.
+    """
+    ensure_profile_limit(profile)
+    slot = concurrency(profile_limit(profile), timeout_seconds=30, max_retries=0, strict=True, lease_duration=60)
+    try:
+        slot.__enter__()
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code != 423:  # 423 Locked: every slot is held
+            raise
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        slot.__exit__(None, None, None)
+
+
+class Placement:
+    """The attempts of one request, in order, with their record."""
+
+    def __init__(self, request, dataset: DatasetSpec, output_dir: Path, run_id: str, ranking: Ranking) -> None:
+        self.request, self.dataset, self.output_dir, self.run_id = request, dataset, output_dir, run_id
+        self.ranking = ranking
+        self.request_id = str(flow_run.id or run_id)
+        self.store = Store()
+        self.log = get_run_logger()
+        self.attempts: list[Attempt] = []
+
+    # --- the record ---
+    def _begin(self, profile: ComputeProfile, outcome: str, reason: str = "", flow_run_id=None) -> Attempt:
+        attempt = self.store.record_attempt(
+            Attempt(
+                request_id=self.request_id,
+                profile=profile.name,
+                flow_run_id=str(flow_run_id) if flow_run_id else None,
+                trainer=self.request.trainer,
+                dataset_version=self.dataset.version,
+                outcome=outcome,
+                reason=reason,
+                estimated_cost_usd=self.ranking.estimates_usd.get(profile.name),
+            )
+        )
+        self.attempts.append(attempt)
+        return attempt
+
+    def _end(self, attempt: Attempt, profile: ComputeProfile, outcome: str, reason: str) -> None:
+        hours = (datetime.now(UTC) - attempt.started_at.replace(tzinfo=UTC)).total_seconds() / 3600
+        cost = round(profile.price_per_hour * hours, 6)
+        self.store.finish_attempt(attempt.id, outcome, reason, actual_cost_usd=cost)
+        attempt.outcome, attempt.reason, attempt.actual_cost_usd = outcome, reason, cost
+        number = self.attempts.index(attempt) + 1
+        self.log.info("attempt %d on %s: %s (%s)", number, profile.name, outcome, reason)
+        mlflow.set_tag(f"compute.attempt.{number}", f"{profile.name}: {outcome} ({reason})"[:5000])
+        self._publish()
+
+    def _publish(self) -> None:
+        create_table_artifact(
+            [
+                {
+                    "attempt": i,
+                    "profile": a.profile,
+                    "outcome": a.outcome,
+                    "reason": a.reason,
+                    "flow run": a.flow_run_id or "",
+                    "estimated $": a.estimated_cost_usd,
+                    "actual $": a.actual_cost_usd,
+                }
+                for i, a in enumerate(self.attempts, start=1)
+            ],
+            key="compute-attempts",
+            description="Every attempt of this training request and why it ended",
+        )
+
+    # --- the attempts ---
+    def run(self) -> TrainResult:
+        here = current_work_pool()
+        for profile in self.ranking.candidates:
+            with profile_slot(profile) as free:
+                if not free:
+                    self._end(self._begin(profile, "full"), profile, "full", "all its concurrency slots are held")
+                    continue
+                result = self._train_here(profile) if runs_here(profile, here) else self._train_there(profile)
+            if result is not None:
+                mlflow.set_tags({"compute.profile": profile.name, "compute.attempts": str(len(self.attempts))})
+                return result
+        tried = "; ".join(f"{a.profile}: {a.outcome} ({a.reason})" for a in self.attempts) or "none eligible"
+        raise NoComputeLeft(f"no compute profile could run this training. Attempts: {tried}")
+
+    def _train_here(self, profile: ComputeProfile) -> TrainResult:
+        attempt = self._begin(profile, "running", "in the train flow's own process")
+        try:
+            result = train_model(
+                self.request, self.dataset, local_device(self.request.device), self.output_dir, self.run_id
+            )
+        except BaseException as error:
+            self._end(attempt, profile, "failed", f"{type(error).__name__}: {error}"[:500])
+            raise
+        self._end(attempt, profile, "completed", f"trained in-process on {profile.name}")
+        return result
+
+    def _train_there(self, profile: ComputeProfile) -> TrainResult | None:
+        state = observe([profile])[profile.name]
+        if not state.ready:
+            why = "paused" if state.paused else "no online worker"
+            self._end(self._begin(profile, "no-worker"), profile, "no-worker", f"pool {profile.work_pool}: {why}")
+            return None
+        child = run_deployment(
+            profile.deployment,
+            parameters={
+                "request": self.request.model_dump(mode="json"),
+                "dataset": json.loads(self.dataset.to_json()),
+                "output_dir": str(self.output_dir),
+                "mlflow_run_id": self.run_id,
+            },
+            timeout=0,
+            as_subflow=True,
+            idempotency_key=f"{self.request_id}:{len(self.attempts) + 1}",
+            tags=["trainyard", f"profile:{profile.name}"],
+        )
+        attempt = self._begin(profile, "submitted", f"flow run {child.name}", child.id)
+        outcome, reason = self._watch(child.id, attempt)
+        self._end(attempt, profile, outcome, reason)
+        if outcome == "completed":
+            return read_result(self.output_dir)
+        if outcome == "failed" and not self.request.compute.fallback_on_failure:
+            raise TrainingFailed(f"training failed on {profile.name} (not retried elsewhere): {reason}")
+        if outcome == "cancelled":
+            raise TrainingFailed(f"the training step on {profile.name} was cancelled: {reason}")
+        return None
+
+    def _watch(self, child_id, attempt: Attempt) -> tuple[str, str]:
+        deadline = time.monotonic() + self.request.compute.start_deadline_s
+        started = False
+        with get_client(sync_client=True) as client:
+            while True:
+                state = client.read_flow_run(child_id).state
+                if state.is_running() and not started:
+                    started = True
+                    self.store.update_attempt(attempt.id, outcome="running")
+                if state.is_final():
+                    return _outcome(state), (state.message or state.name)[:500]
+                if not started and time.monotonic() > deadline:
+                    # Cancelled is terminal: a worker that picks the run up now cannot move it to Running.
+                    client.set_flow_run_state(
+                        child_id, Cancelled(message="not started by the start deadline"), force=True
+                    )
+                    return "late", f"not running {self.request.compute.start_deadline_s:g} s after submission"
+                time.sleep(POLL_S)
+
+
+def _outcome(state) -> str:
+    if state.is_completed():
+        return "completed"
+    if state.is_crashed():
+        return "crashed"
+    if state.is_cancelled():
+        return "cancelled"
+    return "failed"
+
+
+@task
+def train_on_compute(request, dataset: DatasetSpec, ranking: Ranking, output_dir: Path, run_id: str) -> TrainResult:
+    ensure_active(run_id)
+    return Placement(request, dataset, output_dir, run_id, ranking).run()

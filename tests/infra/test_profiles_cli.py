@@ -1,0 +1,117 @@
+"""`python -m infra.profiles`, run in-process: each command, and each error as exit 2 with one clear line."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from infra.profiles import FIELD_TYPES, main
+from infra.store import Attempt, ComputeProfile, Store
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'trainyard.db'}"
+
+
+@pytest.fixture
+def cli(url: str, capsys: pytest.CaptureFixture[str]):
+    """Run the command line against the test store: (exit code, stdout, stderr)."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(["--url", url, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_every_profile_field_has_a_type():
+    assert set(FIELD_TYPES) == set(ComputeProfile.model_fields) - {"name"}
+
+
+def test_seed_then_list_and_show(cli):
+    code, out, _ = cli("seed")
+    assert code == 0 and "added: local, gpu-host-0, docker-gpu, k8s-a100, ecs-g5" in out
+    code, out, _ = cli("list")
+    header, _, *rows = out.splitlines()
+    assert code == 0 and header.split() == ["name", "kind", "pool", "GPUs", "CPU/RAM", "$/h", "speed", "max"] + [
+        "priority",
+        "enabled",
+    ]
+    assert rows[0].split() == ["local", "process", "trainyard-local", "-", "2/16GB", "0.00", "1", "2", "10", "yes"]
+    assert any("k8s-a100" in row and "1x NVIDIA A100 80GB" in row and "3.20" in row for row in rows)
+    code, out, _ = cli("show", "ecs-g5")
+    assert code == 0 and "work_pool: trainyard-ecs" in out and "- aws-credentials/trainyard" in out
+    code, out, _ = cli("seed")
+    assert "added: none" in out and "kept as they are" in out
+
+
+def test_add_set_remove(cli, url):
+    code, out, _ = cli(
+        "add", "box", "--kind", "docker", "--work-pool", "box-pool", "--gpu-count", "2", "--gpu-memory-gb", "48"
+    )
+    assert code == 0 and "train-step/box" in out
+    code, _, _ = cli("set", "box", "price_per_hour=0.75", "enabled=false", "credential_blocks=secret/a,secret/b")
+    assert code == 0
+    box = Store(url).profile("box")
+    assert (box.kind, box.gpu_count, box.gpu_memory_gb, box.deployment) == ("docker", 2, 48.0, "train-step/box")
+    assert (box.price_per_hour, box.enabled, box.credential_blocks) == (0.75, False, ["secret/a", "secret/b"])
+    code, _, _ = cli("set", "box", "gpu_type=none", "credential_blocks=")
+    assert code == 0 and Store(url).profile("box").credential_blocks == []
+    code, out, _ = cli("remove", "box")
+    assert code == 0 and Store(url).profile("box") is None
+
+
+def test_attempts_table(cli, url):
+    start = datetime(2026, 2, 1, 8, 0, tzinfo=UTC)
+    store = Store(url)
+    store.record_attempt(
+        Attempt(
+            request_id="req-1",
+            profile="local",
+            outcome="completed",
+            started_at=start,
+            ended_at=start + timedelta(minutes=3),
+        )
+    )
+    store.record_attempt(Attempt(request_id="req-2", profile="ecs-g5", outcome="no-worker", reason="no worker"))
+    code, out, _ = cli("attempts")
+    assert code == 0 and "req-1" in out and "req-2" in out and "2026-02-01 08:00:00" in out and "3.0" in out
+    code, out, _ = cli("attempts", "--request", "req-2")
+    assert "req-2" in out and "req-1" not in out and "no-worker" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", "nope"], "unknown profile 'nope'"),
+        (["remove", "nope"], "unknown profile 'nope'"),
+        (["set", "nope", "speed=2"], "unknown profile 'nope'"),
+        (["set", "local", "gpus=2"], "profile 'local': unknown field 'gpus'"),
+        (["set", "local", "speed=fast"], "profile 'local': field 'speed' must be a number, got 'fast'"),
+        (["set", "local", "max_concurrent=0"], "field 'max_concurrent' must be at least 1"),
+        (["set", "local", "enabled=maybe"], "field 'enabled' must be true or false"),
+        (["set", "local", "kind=lambda"], "field 'kind' must be one of process, docker, kubernetes, ecs"),
+        (["set", "local", "credential_blocks=nodash"], "field 'credential_blocks'"),
+        (["set", "local", "name=other"], "field 'name' cannot be set"),
+        (["set", "local", "speed"], "expected field=value"),
+        (["add", "local", "--kind", "process", "--work-pool", "p"], "profile 'local' already exists"),
+        (["add", "new", "--kind", "process", "--work-pool", "p", "--gpu-count", "x"], "field 'gpu_count'"),
+        (["seed", "--file", "/nonexistent/profiles.yaml"], "cannot read the profile seed"),
+        (["frobnicate"], "invalid choice"),
+        (["add", "new", "--kind", "process"], "--work-pool"),
+    ],
+)
+def test_errors_exit_2_with_a_clear_message(cli, argv, message):
+    cli("seed")
+    code, _, err = cli(*argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_an_unreachable_store_is_one_line_not_a_traceback(capsys):
+    code = main(["--url", "postgresql+psycopg://postgres:secret@127.0.0.1:1/none?connect_timeout=2", "list"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the platform store at" in err and "secret" not in err and "Traceback" not in err

@@ -1,0 +1,129 @@
+"""The platform store on SQLite and on PostgreSQL: profile CRUD, the YAML seed, the attempts ledger."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlmodel import SQLModel
+
+from infra.profiles import SEED_FILE, ProfileError, load_seed, seed_profiles
+from infra.store import Attempt, ComputeProfile, Store
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, uniquely named PostgreSQL database for this session, dropped at the end."""
+    import psycopg
+
+    name = f"trainyard_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {str(error).strip().splitlines()[0]}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store' / 'trainyard.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    store = Store(url)
+    yield store
+    if request.param == "postgresql":  # one database per session: each test starts from empty tables
+        SQLModel.metadata.drop_all(store.engine)
+    store.engine.dispose()
+
+
+def test_profile_crud(store: Store):
+    store.save_profile(ComputeProfile(name="b", work_pool="pool-b", deployment="train-step/b", priority=5))
+    added = store.add_profile(
+        ComputeProfile(name="a", work_pool="pool-a", deployment="train-step/a", credential_blocks=["aws-credentials/x"])
+    )
+    assert added and not store.add_profile(ComputeProfile(name="a", work_pool="other", deployment="f/d"))
+    assert [p.name for p in store.profiles()] == ["b", "a"]  # by priority
+    assert store.profile("a").work_pool == "pool-a" and store.profile("a").credential_blocks == ["aws-credentials/x"]
+
+    changed = store.profile("b")
+    changed.enabled, changed.gpu_count = False, 2
+    store.save_profile(changed)
+    assert store.profile("b").gpu_count == 2
+    assert [p.name for p in store.profiles(enabled_only=True)] == ["a"]
+    assert store.remove_profile("b") and not store.remove_profile("b")
+    assert store.profile("b") is None
+
+
+def test_seed_inserts_what_is_missing_and_never_overwrites_edits(store: Store):
+    assert store.seed(SEED_FILE) == ["local", "gpu-host-0", "docker-gpu", "k8s-a100", "ecs-g5"]
+    local = store.profile("local")
+    assert (local.work_pool, local.deployment, local.cpu_cores, local.ram_gb) == (
+        "trainyard-local",
+        "train-step/local",
+        2,
+        16,
+    )
+    assert (local.max_concurrent, local.priority, local.enabled) == (2, 10, True)
+    k8s = store.profile("k8s-a100")
+    assert (k8s.kind, k8s.gpu_memory_gb, k8s.price_per_hour, k8s.enabled) == ("kubernetes", 80, 3.2, False)
+    assert k8s.credential_blocks == ["kubernetes-cluster-config/trainyard"]
+
+    local.max_concurrent = 5
+    store.save_profile(local)
+    store.remove_profile("ecs-g5")
+    result = seed_profiles(store, SEED_FILE)
+    assert result.added == ["ecs-g5"] and "local" in result.kept
+    assert store.profile("local").max_concurrent == 5
+
+
+def test_seed_rejects_unknown_fields_and_wrong_types_naming_them(tmp_path: Path):
+    seed = tmp_path / "profiles.yaml"
+    seed.write_text("profiles:\n  box:\n    work_pool: box\n    gpus: 2\n")
+    with pytest.raises(ProfileError, match="profile 'box': unknown field.*'gpus'"):
+        load_seed(seed)
+    seed.write_text("profiles:\n  box:\n    work_pool: box\n    gpu_count: two\n")
+    with pytest.raises(ProfileError, match="profile 'box': field 'gpu_count' must be an integer, got 'two'"):
+        load_seed(seed)
+    seed.write_text("profiles:\n  box:\n    work_pool: box\n    enabled: 'yes please'\n")
+    with pytest.raises(ProfileError, match="profile 'box': field 'enabled'"):
+        load_seed(seed)
+    seed.write_text("profiles:\n  box:\n    kind: process\n")
+    with pytest.raises(ProfileError, match="profile 'box': field 'work_pool' is required"):
+        load_seed(seed)
+    seed.write_text("- not a mapping\n")
+    with pytest.raises(ProfileError, match="'profiles:' mapping"):
+        load_seed(seed)
+    seed.write_text("profiles:\n  box:\n    work_pool: box\n")
+    assert load_seed(seed)[0].deployment == "train-step/box"
+
+
+def test_attempts_ledger_round_trip_with_timestamps(store: Store):
+    started = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+    first = store.record_attempt(
+        Attempt(request_id="req-1", profile="local", trainer="yolo", dataset_version="v1", started_at=started)
+    )
+    store.record_attempt(Attempt(request_id="req-2", profile="local"))
+    store.update_attempt(first.id, flow_run_id="run-1", outcome="running", estimated_cost_usd=0.5)
+    store.finish_attempt(first.id, "completed", "trained", actual_cost_usd=0.25)
+
+    assert [a.request_id for a in store.attempts()] == ["req-1", "req-2"]
+    (read,) = store.attempts("req-1")
+    assert (read.flow_run_id, read.outcome, read.reason) == ("run-1", "completed", "trained")
+    assert (read.estimated_cost_usd, read.actual_cost_usd) == (0.5, 0.25)
+
+    def utc(moment: datetime) -> datetime:  # SQLite hands back naive UTC, PostgreSQL aware
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+    assert utc(read.started_at) == started
+    assert timedelta(0) <= datetime.now(UTC) - utc(read.ended_at) < timedelta(minutes=1)
