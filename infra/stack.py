@@ -82,38 +82,47 @@ def services(settings: Settings) -> list[Service]:
             f"{settings.mlflow_uri}/health",
             {},
         ),
-        Service(
-            "worker",
-            [
-                str(BIN / "prefect"),
-                "worker",
-                "start",
-                "--pool",
-                settings.work_pool,
-                "--type",
-                "process",
-                "--name",
-                f"{socket.gethostname()}-{settings.work_pool}",
-            ],
-            None,
-            None,
-            # Poll every second: the default 10 s makes a triggered run wait 11-13 s to start.
-            {
-                "PREFECT_WORKER_QUERY_SECONDS": "1",
-                "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
-                # Runs it starts send heartbeats; the zombie automation marks them Crashed when those stop.
-                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
-                "PREFECT_HOME": str(home / "prefect"),
-            },
-        ),
+        worker_service(settings, settings.work_pool),
     ]
+
+
+def worker_service(
+    settings: Settings, pool: str, kind: str = "process", extra_env: dict[str, str] | None = None
+) -> Service:
+    """A Prefect worker for `pool` (the local pool by default; tests and GPU hosts start more)."""
+    name = "worker" if pool == settings.work_pool else f"worker-{pool}"
+    return Service(
+        name,
+        [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            pool,
+            "--type",
+            kind,
+            "--name",
+            f"{socket.gethostname()}-{pool}",
+        ],
+        None,
+        None,
+        {
+            # Poll every second: the default 10 s makes a triggered run wait 11-13 s to start.
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
+            # Runs it starts send heartbeats; the zombie automation marks them Crashed when those stop.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+            "PREFECT_HOME": str(settings.home / "prefect"),
+            **(extra_env or {}),
+        },
+    )
 
 
 def _pidfile(settings: Settings, service: Service) -> Path:
     return settings.home / "pids" / f"{service.name}.pid"
 
 
-def _running(settings: Settings, service: Service) -> psutil.Process | None:
+def running(settings: Settings, service: Service) -> psutil.Process | None:
     try:
         pid = int(_pidfile(settings, service).read_text())
         process = psutil.Process(pid)
@@ -146,8 +155,8 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _start(settings: Settings, service: Service) -> None:
-    if _running(settings, service):
+def start(settings: Settings, service: Service) -> None:
+    if running(settings, service):
         print(f"  {service.name}: already running (reused)")
         return
     if service.port is not None and _port_open(settings.host, service.port):
@@ -179,7 +188,7 @@ def _wait_healthy(settings: Settings, service: Service, timeout: float = 120) ->
     while time.monotonic() < deadline:
         if _healthy(service.health_url):
             return
-        if not _running(settings, service):
+        if not running(settings, service):
             log = settings.home / "logs" / f"{service.name}.log"
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
             raise StackError(f"{service.name} exited during start-up; last lines of {log}:\n{tail}")
@@ -213,14 +222,14 @@ def up(settings: Settings, worker: bool = True) -> None:
     os.environ.update(settings.client_env())
     servers, worker_service = services(settings)[:2], services(settings)[2]
     for service in servers:  # start both, then wait: they boot in parallel
-        _start(settings, service)
+        start(settings, service)
     for service in servers:
         _wait_healthy(settings, service)
     ensure_work_pool(settings)
     if ensure_zombie_automation():
         print("  automation: zombie runs are marked Crashed after 60 s without a heartbeat")
     if worker:
-        _start(settings, worker_service)
+        start(settings, worker_service)
     env_file = write_env_file(settings)
     print(f"Prefect UI  {settings.prefect_ui}\nMLflow UI   {settings.mlflow_uri}\nCLI env     source {env_file}")
 
@@ -240,18 +249,24 @@ def _stop(process: psutil.Process, name: str, gentle: signal.Signals) -> None:
     print(f"  {name}: stopped")
 
 
+def stop(settings: Settings, service: Service) -> None:
+    process = running(settings, service)
+    if process:
+        _stop(process, service.name, signal.SIGINT if service.name.startswith("worker") else signal.SIGTERM)
+    _pidfile(settings, service).unlink(missing_ok=True)
+
+
 def down(settings: Settings) -> None:
-    for service in reversed(services(settings)):
-        process = _running(settings, service)
-        if process:
-            _stop(process, service.name, signal.SIGINT if service.name == "worker" else signal.SIGTERM)
-        _pidfile(settings, service).unlink(missing_ok=True)
+    """Stop every worker this stack started (any pool), then the servers."""
+    extra_workers = [Service(pid.stem, [], None, None, {}) for pid in (settings.home / "pids").glob("worker-*.pid")]
+    for service in [*extra_workers, *reversed(services(settings))]:
+        stop(settings, service)
 
 
 def status(settings: Settings) -> bool:
     ok = True
     for service in services(settings):
-        process = _running(settings, service)
+        process = running(settings, service)
         healthy = process is not None and (service.health_url is None or _healthy(service.health_url))
         ok &= healthy
         print(f"  {service.name:15} {'up' if healthy else 'down'}" + (f" (pid {process.pid})" if process else ""))

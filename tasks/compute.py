@@ -38,8 +38,8 @@ def runs_here(profile: ComputeProfile, current_pool: str | None) -> bool:
 
 def rank(request, dataset_version: str, store: Store) -> Ranking:
     """Observe every profile's pool now and rank them; raises at once if nothing could ever run the request."""
-    profiles = store.profiles()
     options = request.compute
+    profiles = _requested(store.profiles(), options.profiles)
     hours = estimate_hours(store.attempts(), profiles, request.trainer, dataset_version, options.default_hours)
     states = observe(profiles)
     here = current_work_pool()
@@ -78,6 +78,20 @@ def select_compute(request, dataset_version: str) -> Ranking:
         description="Where training runs and why",
     )
     return ranking
+
+
+def _requested(profiles: list[ComputeProfile], names: list[str]) -> list[ComputeProfile]:
+    """The profiles the request names (primary, then fallbacks), or every profile when it names none."""
+    if not names:
+        return profiles
+    known = {profile.name for profile in profiles}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown compute profile(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} "
+            "(see `python -m infra.profiles list`)"
+        )
+    return [profile for profile in profiles if profile.name in names]
 
 
 def _here(observed: PoolState | None) -> PoolState:

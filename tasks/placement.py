@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import mlflow
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -82,8 +82,8 @@ def profile_slot(profile: ComputeProfile) -> Iterator[bool]:
     slot = concurrency(profile_limit(profile), timeout_seconds=30, max_retries=0, strict=True, lease_duration=60)
     try:
         slot.__enter__()
-    except httpx.HTTPStatusError as error:
-        if error.response.status_code != 423:  # 423 Locked: every slot is held
+    except ConcurrencySlotAcquisitionError as error:
+        if "423" not in str(error):  # 423 Locked: every slot is held; anything else is a real error
             raise
         yield False
         return

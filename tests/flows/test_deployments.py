@@ -57,12 +57,10 @@ def worker(stack):
         capture_output=True,
         timeout=180,
     )
-    service = local_stack.services(stack)[2]
-    local_stack._start(stack, service)
+    service = local_stack.worker_service(stack, stack.work_pool)
+    local_stack.start(stack, service)
     yield stack
-    process = local_stack._running(stack, service)
-    if process:
-        local_stack._stop(process, service.name, __import__("signal").SIGINT)
+    local_stack.stop(stack, service)
 
 
 def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker, shapes_cls, tmp_path):

@@ -25,7 +25,8 @@ from flows.train import train
         ({"augmentations": {"mosaic": 0.5}}, "augmentations.mosaic applies to detection (yolo) only"),
         ({"learning_rate": 0}, "learning_rate\n  Input should be greater than 0"),
         ({"optimiser": "sgd"}, "optimiser\n  Extra inputs are not permitted"),
-        ({"compute": ["moon"]}, "unknown compute profile(s) ['moon']"),
+        ({"compute": {"strategy": "random"}}, "compute.strategy\n  Input should be 'preferred', 'cheapest',"),
+        ({"compute": {"start_deadline_s": 0}}, "compute.start_deadline_s\n  Input should be greater than 0"),
         ({"alias": "v3"}, "alias 'v3' must be a name like 'candidate'"),
     ],
 )
@@ -92,3 +93,10 @@ def test_training_failure_ends_the_mlflow_run_failed(stack, shapes_cls):
         state.result()
     runs = _runs_of(state.state_details.flow_run_id)
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_an_unknown_compute_profile_is_named_with_the_known_ones(stack, shapes_cls):
+    state = train(dataset=str(shapes_cls), compute={"profiles": ["moon"]}, return_state=True)
+    assert state.is_failed()
+    assert "unknown compute profile(s) moon; known:" in state.message and "local" in state.message
+    assert _runs_of(state.state_details.flow_run_id) == []

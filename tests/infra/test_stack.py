@@ -25,7 +25,7 @@ def test_a_port_held_by_another_process_is_named_with_the_fix(tmp_path):
         port = squatter.getsockname()[1]
         settings = dataclasses.replace(local_stack.Settings.from_env(), home=tmp_path / "home", prefect_port=port)
         with pytest.raises(local_stack.StackError) as error:
-            local_stack._start(settings, local_stack.services(settings)[0])
+            local_stack.start(settings, local_stack.services(settings)[0])
     message = str(error.value)
     assert f"port {port}" in message and "TRAINYARD_PREFECT_PORT" in message and "python" in message
 

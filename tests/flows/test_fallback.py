@@ -1,0 +1,188 @@
+"""Compute fallback with real work pools and real workers: no worker, a crashing Docker pool, a late start,
+a failing user model, budget and capacity. The train flow runs in the test process; its training steps run
+wherever the chosen profile's worker runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import pytest
+from prefect.client.orchestration import get_client
+
+from flows.train import train
+from infra import stack as local_stack
+from infra.apply import apply_profiles
+from infra.store import ComputeProfile, Store
+
+FAST = {"epochs": 2, "batch_size": 8, "image_size": 32}
+PROFILES = [
+    # name, kind, pool, price $/h, max concurrent, priority
+    ("ghost", "process", "ghost-pool", 0.0, 1, 1),  # a pool nobody serves
+    ("docker", "docker", "docker-pool", 0.5, 1, 2),  # served by a real Docker worker; no Docker engine here
+    ("stalled", "process", "stalled-pool", 0.0, 1, 3),  # looks online (heartbeats), never picks anything up
+    ("backup", "process", "backup-pool", 0.0, 1, 4),  # a real process worker
+    ("pricey", "process", "backup-pool", 500.0, 1, 5),
+]
+
+
+def _wait_ready(pool: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if client.read_work_pool(pool).status.value == "READY":
+                return
+            time.sleep(0.5)
+    raise TimeoutError(f"no worker came online for {pool}")
+
+
+@pytest.fixture(scope="module")
+def pools(stack, tmp_path_factory):
+    """The profiles above in a fresh store, their pools and train-step deployments, and their workers."""
+    home = tmp_path_factory.mktemp("fallback")
+    url = f"sqlite:///{home / 'store.db'}"
+    store = Store(url)
+    for name, kind, pool, price, slots, priority in PROFILES:
+        store.save_profile(
+            ComputeProfile(
+                name=name,
+                kind=kind,
+                work_pool=pool,
+                deployment=f"train-step/{name}",
+                price_per_hour=price,
+                max_concurrent=slots,
+                priority=priority,
+                cpu_cores=2,
+                ram_gb=8,
+            )
+        )
+    asyncio.run(apply_profiles(store.profiles()))  # pools and train-step deployments, as `python -m infra.apply`
+    workers = [
+        local_stack.worker_service(stack, "backup-pool", "process", {"TRAINYARD_STORE_URL": url}),
+        local_stack.worker_service(stack, "docker-pool", "docker", {"TRAINYARD_STORE_URL": url}),
+    ]
+    for worker in workers:
+        local_stack.start(stack, worker)
+    previous = os.environ.get("TRAINYARD_STORE_URL")
+    os.environ["TRAINYARD_STORE_URL"] = url
+    try:
+        _wait_ready("backup-pool")
+        _wait_ready("docker-pool")
+        yield store
+    finally:
+        for worker in workers:
+            local_stack.stop(stack, worker)
+        if previous is None:
+            os.environ.pop("TRAINYARD_STORE_URL", None)
+        else:
+            os.environ["TRAINYARD_STORE_URL"] = previous
+
+
+def _request_id(state) -> str:
+    return str(state.state_details.flow_run_id)
+
+
+def _mlflow_runs(state) -> list:
+    return mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`prefect.flow_run_id` = '{_request_id(state)}'",
+        output_format="list",
+    )
+
+
+def test_a_pool_without_worker_is_passed_over_and_the_next_profile_trains(pools, shapes_cls):
+    state = train(dataset=str(shapes_cls), compute={"profiles": ["ghost", "backup"]}, return_state=True, **FAST)
+    assert state.is_completed(), state.message
+    attempts = pools.attempts(_request_id(state))
+    assert [(a.profile, a.outcome) for a in attempts] == [("backup", "completed")]
+    ranking_reasons = state.result().compute_reasons
+    assert "no online worker" in ranking_reasons["ghost"]
+    [run] = _mlflow_runs(state)
+    assert run.info.status == "FINISHED" and run.data.tags["compute.profile"] == "backup"
+
+
+def test_a_crashing_docker_pool_falls_back_to_the_process_pool(pools, shapes_cls):
+    state = train(dataset=str(shapes_cls), compute={"profiles": ["docker", "backup"]}, return_state=True, **FAST)
+    assert state.is_completed(), state.message
+    attempts = pools.attempts(_request_id(state))
+    assert [(a.profile, a.outcome) for a in attempts] == [("docker", "crashed"), ("backup", "completed")]
+    assert "docker" in attempts[0].reason.lower()
+    # the fallback attempt starts right after the crash is seen
+    assert (attempts[1].started_at - attempts[0].ended_at).total_seconds() < 2
+    [run] = _mlflow_runs(state)  # one MLflow run across both attempts
+    assert run.data.tags["compute.attempt.1"].startswith("docker: crashed")
+    assert run.data.tags["compute.attempt.2"].startswith("backup: completed")
+
+
+def test_a_run_not_started_by_the_deadline_is_cancelled_and_the_next_profile_trains(pools, shapes_cls):
+    with get_client(sync_client=True) as client:
+        client.send_worker_heartbeat("stalled-pool", "asleep")  # online for 90 s, but never polls
+    state = train(
+        dataset=str(shapes_cls),
+        compute={"profiles": ["stalled", "backup"], "start_deadline_s": 15},
+        return_state=True,
+        **FAST,
+    )
+    assert state.is_completed(), state.message
+    attempts = pools.attempts(_request_id(state))
+    assert [(a.profile, a.outcome) for a in attempts] == [("stalled", "late"), ("backup", "completed")]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(attempts[0].flow_run_id).state.is_cancelled()
+
+
+def test_a_failure_in_the_users_code_does_not_fall_back(pools, shapes_cls):
+    state = train(
+        dataset=str(shapes_cls),
+        model="tests.flows.models:exploding",
+        compute={"profiles": ["backup", "ghost"]},
+        return_state=True,
+        **FAST,
+    )
+    assert state.is_failed()
+    assert "not retried elsewhere" in state.message and "exploded on purpose" in state.message
+    assert [(a.profile, a.outcome) for a in pools.attempts(_request_id(state))] == [("backup", "failed")]
+    assert [r.info.status for r in _mlflow_runs(state)] == ["FAILED"]
+
+
+def test_over_budget_is_refused_before_anything_is_submitted(pools, shapes_cls):
+    state = train(
+        dataset=str(shapes_cls), compute={"profiles": ["pricey"], "budget_usd": 1.0}, return_state=True, **FAST
+    )
+    assert state.is_failed()
+    assert "budget" in state.message and "pricey" in state.message
+    assert pools.attempts(_request_id(state)) == [] and _mlflow_runs(state) == []
+
+
+def test_a_request_no_profile_can_satisfy_is_refused_at_once(pools, shapes_cls):
+    started = time.monotonic()
+    state = train(dataset=str(shapes_cls), compute={"gpus": 64}, return_state=True, **FAST)
+    assert state.is_failed() and "64" in state.message
+    assert time.monotonic() - started < 30
+    assert pools.attempts(_request_id(state)) == [] and _mlflow_runs(state) == []
+
+
+def test_two_requests_never_oversubscribe_a_profile_with_one_slot(pools, shapes_cls):
+    request = {"dataset": str(shapes_cls), "compute": {"profiles": ["backup", "local"]}, **FAST}
+    pools.save_profile(
+        ComputeProfile(
+            name="local",
+            work_pool="trainyard-local",
+            deployment="train-step/local",
+            priority=50,
+            cpu_cores=2,
+            ram_gb=8,
+            max_concurrent=2,
+        )
+    )
+    with ThreadPoolExecutor(2) as pool:
+        states = list(pool.map(lambda _: train(**request, return_state=True), range(2)))
+    assert all(s.is_completed() for s in states), [s.message for s in states]
+    on_backup = [a for s in states for a in pools.attempts(_request_id(s)) if a.profile == "backup"]
+    completed = [a for a in on_backup if a.outcome == "completed"]
+    assert len(completed) <= 1
+    # intervals of attempts on the one-slot profile never overlap
+    spans = sorted((a.started_at, a.ended_at) for a in on_backup)
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))
