@@ -18,7 +18,19 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 from infra.settings import Settings
 
 ProfileKind = Literal["process", "docker", "kubernetes", "ecs"]
-Outcome = Literal["submitted", "running", "completed", "failed", "crashed", "cancelled", "no-worker", "late"]
+Outcome = Literal[
+    "queued",
+    "dequeued",
+    "submitted",
+    "running",
+    "completed",
+    "failed",
+    "crashed",
+    "cancelled",
+    "no-worker",
+    "full",
+    "late",
+]
 
 
 class ComputeProfile(SQLModel, table=True):
@@ -149,6 +161,16 @@ class Store:
                 setattr(attempt, key, value)
             session.add(attempt)
             session.commit()
+
+    def open_tickets(self, profile: str) -> list[Attempt]:
+        """Requests waiting in line for `profile` (the queue strategy), oldest first."""
+        with self.session() as session:
+            query = (
+                select(Attempt)
+                .where(Attempt.profile == profile, Attempt.outcome == "queued", Attempt.ended_at == None)  # noqa: E711
+                .order_by(Attempt.id)
+            )
+            return list(session.exec(query))
 
     def attempts(self, request_id: str | None = None) -> list[Attempt]:
         with self.session() as session:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
@@ -44,6 +44,7 @@ from trainers.base import TrainResult
 from trainers.data.spec import DatasetSpec
 
 POLL_S = 0.5
+QUEUE_POLL_S = 1.0
 
 
 class TrainingFailed(RuntimeError):
@@ -58,18 +59,22 @@ def profile_limit(profile: ComputeProfile) -> str:
     return f"trainyard-profile-{profile.name}"
 
 
-def ensure_profile_limit(profile: ComputeProfile) -> None:
-    """One strict global concurrency limit per profile, sized by its max_concurrent: it never oversubscribes."""
+def ensure_profile_limit(profile: ComputeProfile) -> bool:
+    """One strict global concurrency limit per profile, sized by its max_concurrent: it never oversubscribes.
+
+    Returns whether a slot looks free now (acquiring it is still the only guarantee)."""
     name = profile_limit(profile)
     with get_client(sync_client=True) as client:
         try:
             limit = client.read_global_concurrency_limit_by_name(name)
-            if limit.limit != profile.max_concurrent:
-                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=profile.max_concurrent))
         except ObjectNotFound:
             client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=name, limit=profile.max_concurrent)
             )
+            return True
+        if limit.limit != profile.max_concurrent:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=profile.max_concurrent))
+        return limit.active_slots < profile.max_concurrent
 
 
 @contextlib.contextmanager
@@ -78,7 +83,9 @@ def profile_slot(profile: ComputeProfile) -> Iterator[bool]:
 
     The slot is a lease renewed in the background: if this process dies, it frees itself within a minute.
     """
-    ensure_profile_limit(profile)
+    if not ensure_profile_limit(profile):
+        yield False  # every slot is held: say so without a 423 round trip (Prefect logs those as errors)
+        return
     slot = concurrency(profile_limit(profile), timeout_seconds=30, max_retries=0, strict=True, lease_duration=60)
     try:
         slot.__enter__()
@@ -123,7 +130,8 @@ class Placement:
 
     def _end(self, attempt: Attempt, profile: ComputeProfile, outcome: str, reason: str) -> None:
         hours = (datetime.now(UTC) - attempt.started_at.replace(tzinfo=UTC)).total_seconds() / 3600
-        cost = round(profile.price_per_hour * hours, 6)
+        ran = outcome in {"completed", "failed", "crashed", "cancelled"}  # waiting in line or refused costs nothing
+        cost = round(profile.price_per_hour * hours, 6) if ran else 0.0
         self.store.finish_attempt(attempt.id, outcome, reason, actual_cost_usd=cost)
         attempt.outcome, attempt.reason, attempt.actual_cost_usd = outcome, reason, cost
         number = self.attempts.index(attempt) + 1
@@ -152,10 +160,19 @@ class Placement:
     # --- the attempts ---
     def run(self) -> TrainResult:
         here = current_work_pool()
-        for profile in self.ranking.candidates:
-            with profile_slot(profile) as free:
+        order, head = list(self.ranking.candidates), None
+        if self.request.compute.strategy == "queue":
+            # Wait in line for the first profile in preference order that fits, even when it is busy now.
+            fitting = {p.name: p for p in [*self.ranking.candidates, *self.ranking.waiting]}
+            preference = self.request.compute.profiles or sorted(fitting, key=lambda n: (fitting[n].priority, n))
+            head = next((fitting[name] for name in preference if name in fitting), None)
+            order = [head, *(p for p in order if p is not head)] if head else order
+        for profile in order:
+            slot = self._queued_slot(profile, here) if profile is head else profile_slot(profile)
+            with slot as free:
                 if not free:
-                    self._end(self._begin(profile, "full"), profile, "full", "all its concurrency slots are held")
+                    if profile is not head:
+                        self._end(self._begin(profile, "full"), profile, "full", "all its concurrency slots are held")
                     continue
                 result = self._train_here(profile) if runs_here(profile, here) else self._train_there(profile)
             if result is not None:
@@ -163,6 +180,52 @@ class Placement:
                 return result
         tried = "; ".join(f"{a.profile}: {a.outcome} ({a.reason})" for a in self.attempts) or "none eligible"
         raise NoComputeLeft(f"no compute profile could run this training. Attempts: {tried}")
+
+    @contextlib.contextmanager
+    def _queued_slot(self, profile: ComputeProfile, here: str | None) -> Iterator[bool]:
+        """Wait in line (first come, first served) for a slot on `profile`, up to queue_timeout_s.
+
+        The line is the ledger's open "queued" tickets for the profile; the position shows in the run's logs and
+        in a markdown artifact. Past the timeout the request moves on to the other profiles."""
+        ensure_profile_limit(profile)
+        ticket = self._begin(profile, "queued", "waiting for a free slot")
+        timeout = self.request.compute.queue_timeout_s
+        started, shown, worst = time.monotonic(), None, 1
+        while True:
+            position = self._position(profile, ticket, timeout)
+            worst = max(worst, position)
+            ready = runs_here(profile, here) or observe([profile])[profile.name].ready
+            if position == 1 and ready:
+                with profile_slot(profile) as free:
+                    if free:
+                        waited = time.monotonic() - started
+                        self._end(ticket, profile, "dequeued", f"waited {waited:.0f} s in line (position {worst})")
+                        yield True
+                        return
+            if position != shown:
+                shown = position
+                self.log.info("queued for %s: position %d", profile.name, position)
+                create_markdown_artifact(
+                    f"Waiting for compute profile **{profile.name}**: position **{position}** in line "
+                    f"({profile.max_concurrent} slot(s)); gives up after {timeout:g} s.",
+                    key="queue-position",
+                    description="Where this request stands in the queue",
+                )
+            if time.monotonic() - started > timeout:
+                self._end(ticket, profile, "late", f"no slot within the queue timeout of {timeout:g} s")
+                yield False
+                return
+            time.sleep(QUEUE_POLL_S)
+
+    def _position(self, profile: ComputeProfile, ticket: Attempt, timeout: float) -> int:
+        """1 + the open tickets ahead of ours; tickets older than our timeout are taken as abandoned."""
+        cutoff = datetime.now(UTC).timestamp() - timeout
+        ahead = [
+            a
+            for a in self.store.open_tickets(profile.name)
+            if a.id < ticket.id and a.started_at.replace(tzinfo=UTC).timestamp() > cutoff
+        ]
+        return len(ahead) + 1
 
     def _train_here(self, profile: ComputeProfile) -> TrainResult:
         attempt = self._begin(profile, "running", "in the train flow's own process")

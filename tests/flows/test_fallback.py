@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlflow
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter
 
 from flows.train import train
 from infra import stack as local_stack
@@ -186,3 +187,30 @@ def test_two_requests_never_oversubscribe_a_profile_with_one_slot(pools, shapes_
     # intervals of attempts on the one-slot profile never overlap
     spans = sorted((a.started_at, a.ended_at) for a in on_backup)
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def test_the_queue_strategy_waits_in_line_for_its_profile_and_shows_the_position(pools, shapes_cls):
+    request = {
+        "dataset": str(shapes_cls),
+        "compute": {"profiles": ["backup"], "strategy": "queue", "queue_timeout_s": 300},
+        **FAST,
+    }
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(train, **request, return_state=True)
+        time.sleep(3)  # the second request arrives while the first holds backup's only slot
+        second = pool.submit(train, **request, return_state=True)
+        states = [first.result(), second.result()]
+    assert all(s.is_completed() for s in states), [s.message for s in states]
+    ledgers = [pools.attempts(_request_id(s)) for s in states]
+    assert all([a.outcome for a in ledger][-1] == "completed" for ledger in ledgers)
+    assert all({a.profile for a in ledger} == {"backup"} for ledger in ledgers)
+    second_ticket = next(a for a in ledgers[1] if a.outcome == "dequeued")
+    waited = int(second_ticket.reason.split("waited ")[1].split(" s")[0])
+    assert waited >= 3 and "position 1" in second_ticket.reason  # next in line while the first one trained
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id={"any_": [states[1].state_details.flow_run_id]})
+        )
+    assert any(a.key == "queue-position" and "position **1**" in a.data for a in artifacts)
+    runs = sorted((a.started_at, a.ended_at) for ledger in ledgers for a in ledger if a.outcome == "completed")
+    assert runs[0][1] <= runs[1][0]  # one at a time on the one-slot profile
