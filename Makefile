@@ -13,7 +13,7 @@ help:
 	@echo "make demo      venv + stack + deployments + one demo training run, then prints the links"
 	@echo "make test      the whole test suite (starts its own servers on free ports)"
 	@echo "make up/down   start/stop the local stack (Prefect server, MLflow server, worker)"
-	@echo "make deploy    apply prefect.yaml to the running stack"
+	@echo "make deploy    seed compute profiles, apply their pools, and apply prefect.yaml to the running stack"
 	@echo "make bench     the benchmarks in bench/ (see docs/benchmarks.md)"
 
 venv: $(VENV)/.installed
@@ -32,6 +32,7 @@ status: venv
 	$(PY) -m infra.stack status
 
 deploy: up
+	$(STACK_ENV) && $(PY) -m infra.profiles seed --if-empty && $(PY) -m infra.apply
 	$(STACK_ENV) && $(VENV)/bin/prefect --no-prompt deploy --all
 
 datasets: venv

@@ -288,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     add_parser("remove", help="delete a profile").add_argument("name")
     seed = add_parser("seed", help="insert the seed file's profiles the store lacks (never overwrites)")
     seed.add_argument("--file", default=str(SEED_FILE), help="seed YAML (default: infra/profiles.yaml)")
+    seed.add_argument(
+        "--if-empty", action="store_true", help="only when the store has no profile (first setup; keeps deletions)"
+    )
     attempts = add_parser("attempts", help="the attempts ledger as a table")
     attempts.add_argument("--request", help="only this request's attempts (the train flow run id)")
     return parser
@@ -335,6 +338,9 @@ def _run(args: argparse.Namespace, store: Store) -> None:
         store.remove_profile(args.name)
         print(f"removed {args.name}")
     elif args.command == "seed":
+        if args.if_empty and store.profiles():
+            print("the store already has profiles; nothing seeded")
+            return
         result = seed_profiles(store, args.file)
         print(f"added: {', '.join(result.added) or 'none'}")
         if result.kept:

@@ -115,3 +115,14 @@ def test_an_unreachable_store_is_one_line_not_a_traceback(capsys):
     code = main(["--url", "postgresql+psycopg://postgres:secret@127.0.0.1:1/none?connect_timeout=2", "list"])
     err = capsys.readouterr().err
     assert code == 1 and "the platform store at" in err and "secret" not in err and "Traceback" not in err
+
+
+def test_seed_if_empty_keeps_a_deleted_profile_deleted(tmp_path, capsys):
+    from infra.profiles import main
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["--url", url, "seed", "--if-empty"]) == 0
+    assert main(["--url", url, "remove", "local"]) == 0
+    assert main(["--url", url, "seed", "--if-empty"]) == 0
+    assert "nothing seeded" in capsys.readouterr().out
+    assert main(["--url", url, "show", "local"]) == 2
