@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import sys
 
-import mlflow
 from mlflow import MlflowClient
 from prefect.deployments import run_deployment
 
 from infra.settings import Settings
 from tasks.report import mlflow_run_url
-from tasks.tracking import TAG_FLOW_RUN
+from tasks.tracking import runs_of_flow_run
 
 
 def main(argv: list[str]) -> int:
@@ -27,9 +26,7 @@ def main(argv: list[str]) -> int:
         print(f"Prefect run: {ui}")
         return 1
 
-    mlflow_run = mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.`{TAG_FLOW_RUN}` = '{run.id}'", output_format="list"
-    )[0]
+    mlflow_run = runs_of_flow_run(run.id)[0]
     client = MlflowClient()
     # search results carry no aliases; read each version itself for them
     versions = [

@@ -7,6 +7,7 @@ No Prefect, no I/O: `infra.pools.observe` gathers the states, the train flow act
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,6 +61,7 @@ class Ranking:
     reasons: dict[str, str]  # every profile: "eligible: ..." or why not
     estimates_usd: dict[str, float] = field(default_factory=dict)
     estimated_hours: dict[str, float] = field(default_factory=dict)
+    observed_at: float = field(default_factory=time.monotonic)  # when the pools were observed for this ranking
 
     @property
     def chosen(self) -> ComputeProfile | None:

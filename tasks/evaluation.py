@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -29,6 +30,9 @@ def evaluate_model(
             metrics.update(trainer.evaluate(job, result.best_checkpoint, split))
     mlflow.log_metrics({f"final_{name}": value for name, value in metrics.items()})
     mlflow.log_dict({"best_checkpoint": result.metrics, "final": metrics}, "results/metrics.json")
+    # Logged after training so they cost the start of training nothing; the run's tags hold the same facts.
+    mlflow.log_dict(dataset.label_map, "labels.json")
+    mlflow.log_dict(json.loads(dataset.to_json()), "dataset.json")
     create_table_artifact(
         [{"metric": name, "value": round(value, 6)} for name, value in metrics.items()],
         key="final-metrics",

@@ -44,6 +44,7 @@ from trainers.base import TrainResult
 from trainers.data.spec import DatasetSpec
 
 POLL_S = 0.5
+FRESH_S = 5.0
 QUEUE_POLL_S = 1.0
 
 
@@ -240,8 +241,10 @@ class Placement:
         return result
 
     def _train_there(self, profile: ComputeProfile) -> TrainResult | None:
-        state = observe([profile])[profile.name]
-        if not state.ready:
+        # The ranking's observation is trusted for a few seconds; after that the pool is looked at again.
+        fresh = len(self.attempts) == 0 and time.monotonic() - self.ranking.observed_at < FRESH_S
+        state = None if fresh else observe([profile])[profile.name]
+        if state is not None and not state.ready:
             why = "paused" if state.paused else "no online worker"
             self._end(self._begin(profile, "no-worker"), profile, "no-worker", f"pool {profile.work_pool}: {why}")
             return None

@@ -59,8 +59,6 @@ def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
     status = "FAILED"
     try:
         mlflow.log_params(flatten(request.train_config().model_dump(mode="json")))
-        mlflow.log_dict(dataset.label_map, "labels.json")
-        mlflow.log_dict(json.loads(dataset.to_json()), "dataset.json")
         yield run.info.run_id
         status = "FINISHED"
     except BaseException as error:
@@ -90,14 +88,16 @@ def attached_run(run_id: str) -> Iterator[None]:
         mlflow.end_run(status="RUNNING")
 
 
+def runs_of_flow_run(flow_run_id, status: str | None = None) -> list:
+    """The MLflow run(s) a train flow run recorded (exactly one when it got past dataset checks)."""
+    where = f"tags.`{TAG_FLOW_RUN}` = '{flow_run_id}'" + (f" and attributes.status = '{status}'" if status else "")
+    return mlflow.search_runs(search_all_experiments=True, filter_string=where, output_format="list")
+
+
 def end_runs_left_running(flow_run_id: str, status: str = "FAILED") -> int:
     """End any MLflow run of this flow run still RUNNING (a crash hook; the context manager covers the rest)."""
     client = MlflowClient()
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`{TAG_FLOW_RUN}` = '{flow_run_id}' and attributes.status = 'RUNNING'",
-        output_format="list",
-    )
+    runs = runs_of_flow_run(flow_run_id, "RUNNING")
     for run in runs:
         client.set_terminated(run.info.run_id, status=status)
     return len(runs)

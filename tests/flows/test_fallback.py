@@ -5,19 +5,22 @@ wherever the chosen profile's worker runs them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
-import mlflow
+import psutil
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter
+from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 
 from flows.train import train
 from infra import stack as local_stack
 from infra.apply import apply_profiles
 from infra.store import ComputeProfile, Store
+from tasks.tracking import runs_of_flow_run
 
 FAST = {"epochs": 2, "batch_size": 8, "image_size": 32}
 PROFILES = [
@@ -27,6 +30,7 @@ PROFILES = [
     ("stalled", "process", "stalled-pool", 0.0, 1, 3),  # looks online (heartbeats), never picks anything up
     ("backup", "process", "backup-pool", 0.0, 1, 4),  # a real process worker
     ("pricey", "process", "backup-pool", 500.0, 1, 5),
+    ("victim", "process", "victim-pool", 0.0, 1, 6),  # its worker is killed mid-training
 ]
 
 
@@ -87,11 +91,7 @@ def _request_id(state) -> str:
 
 
 def _mlflow_runs(state) -> list:
-    return mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`prefect.flow_run_id` = '{_request_id(state)}'",
-        output_format="list",
-    )
+    return runs_of_flow_run(_request_id(state))
 
 
 def test_a_pool_without_worker_is_passed_over_and_the_next_profile_trains(pools, shapes_cls):
@@ -214,3 +214,43 @@ def test_the_queue_strategy_waits_in_line_for_its_profile_and_shows_the_position
     assert any(a.key == "queue-position" and "position **1**" in a.data for a in artifacts)
     runs = sorted((a.started_at, a.ended_at) for ledger in ledgers for a in ledger if a.outcome == "completed")
     assert runs[0][1] <= runs[1][0]  # one at a time on the one-slot profile
+
+
+def _kill_tree(pid: int) -> None:
+    """kill -9 a worker and everything it started, as a host failure would."""
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def test_a_worker_killed_mid_training_is_detected_and_the_next_profile_resumes(pools, stack, shapes_cls):
+    from infra.settings import Settings
+
+    victim = local_stack.worker_service(stack, "victim-pool", "process", {"TRAINYARD_STORE_URL": pools.url})
+    local_stack.start(stack, victim)
+    _wait_ready("victim-pool")
+    request = {"dataset": str(shapes_cls), "compute": {"profiles": ["victim", "backup"]}, **FAST, "epochs": 60}
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(train, **request, return_state=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for training on the victim to write a checkpoint
+            running = [a for a in pools.attempts() if a.profile == "victim" and a.outcome == "running"]
+            if running and (Settings.from_env().runs_dir / running[0].request_id / "last.pt").exists():
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("training never started on the victim profile")
+        time.sleep(1)
+        killed_at = datetime.now(UTC)
+        _kill_tree(local_stack.running(stack, victim).pid)
+        state = future.result(timeout=400)
+    assert state.is_completed(), state.message
+    attempts = pools.attempts(_request_id(state))
+    assert [(a.profile, a.outcome) for a in attempts] == [("victim", "crashed"), ("backup", "completed")]
+    assert "heartbeat" in attempts[0].reason
+    detected = (attempts[1].started_at.replace(tzinfo=UTC) - killed_at).total_seconds()
+    assert detected < 120, f"fallback started {detected:.0f} s after the kill"  # heartbeat 30 s + zombie after 60 s
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [attempts[1].flow_run_id]}))
+    assert any("resuming" in log.message for log in logs)  # from the victim's last checkpoint, not from scratch

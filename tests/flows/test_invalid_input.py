@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 from pydantic import ValidationError
 
 from flows.request import TrainRequest
 from flows.train import train
+from tasks.tracking import runs_of_flow_run
 
 
 @pytest.mark.parametrize(
@@ -41,12 +41,7 @@ def test_yolo_refuses_classification_loss_options(shapes_cls):
         TrainRequest(dataset=str(shapes_cls), trainer="yolo", model="yolov8n.yaml", loss={"label_smoothing": 0.1})
 
 
-def _runs_of(flow_run_id) -> list:
-    return mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
-        output_format="list",
-    )
+_runs_of = runs_of_flow_run
 
 
 def test_invalid_parameter_fails_the_flow_run_before_anything_runs(stack, shapes_cls):

@@ -2,24 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
-
-import pytest
-
 from infra.store import ComputeProfile
-
-
-@pytest.fixture
-def client(stack):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        yield client
-
-
-@pytest.fixture
-def unique() -> str:
-    return f"ty-test-{uuid.uuid4().hex[:8]}"
 
 
 def make_pool(client, name: str) -> None:

@@ -130,19 +130,6 @@ def test_ecs_registers_an_ec2_gpu_task_definition_that_the_ecs_api_accepts():
 # --- against the real Prefect server --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def client(stack):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        yield client
-
-
-@pytest.fixture
-def unique() -> str:
-    return f"ty-{uuid.uuid4().hex[:8]}"
-
-
 def test_the_server_accepts_every_kinds_template_and_ecs_gets_the_profiles_credentials(client, unique):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
