@@ -15,6 +15,17 @@ from infra.store import ComputeProfile, Store
 SEED_PROFILES = ROOT / "infra" / "profiles.yaml"
 
 
+class NoComputeNow(RuntimeError):
+    """No profile can run the request now (none has a worker, a free slot, ...); each profile's reason is given."""
+
+    def __init__(self, ranking: Ranking) -> None:
+        why = "; ".join(f"{name}: {reason}" for name, reason in ranking.reasons.items())
+        super().__init__(
+            f"no compute profile can run this training now ({why}). Start a worker for one of them, wait and "
+            "retry, or use strategy 'queue' to wait for capacity"
+        )
+
+
 def needs_of(request) -> Needs:
     options = request.compute
     gpus = max(options.gpus, 1 if request.device == "cuda" else 0)
@@ -64,6 +75,7 @@ def select_compute(request, dataset_version: str) -> Ranking:
         store.seed(SEED_PROFILES)
     ranking = rank(request, dataset_version, store)
     chosen = ranking.candidates[0].name if ranking.candidates else None
+    queueing = request.compute.strategy == "queue" and ranking.waiting
     rows = "\n".join(
         f"| {name} | {'**' if name == chosen else ''}{why}{'**' if name == chosen else ''} | "
         f"{_money(ranking.estimates_usd.get(name))} |"
@@ -77,6 +89,8 @@ def select_compute(request, dataset_version: str) -> Ranking:
         key="compute-decision",
         description="Where training runs and why",
     )
+    if chosen is None and not queueing:
+        raise NoComputeNow(ranking)  # before the MLflow run exists: nothing was tried, nothing to record
     return ranking
 
 

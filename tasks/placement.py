@@ -37,7 +37,7 @@ from infra.compute import local_device
 from infra.pools import observe
 from infra.selection import Ranking
 from infra.store import Attempt, ComputeProfile, Store
-from tasks.compute import current_work_pool, runs_here
+from tasks.compute import NoComputeNow, current_work_pool, runs_here
 from tasks.tracking import ensure_active
 from tasks.training import train_model
 from trainers.base import TrainResult
@@ -179,7 +179,9 @@ class Placement:
             if result is not None:
                 mlflow.set_tags({"compute.profile": profile.name, "compute.attempts": str(len(self.attempts))})
                 return result
-        tried = "; ".join(f"{a.profile}: {a.outcome} ({a.reason})" for a in self.attempts) or "none eligible"
+        if not self.attempts:
+            raise NoComputeNow(self.ranking)
+        tried = "; ".join(f"{a.profile}: {a.outcome} ({a.reason})" for a in self.attempts)
         raise NoComputeLeft(f"no compute profile could run this training. Attempts: {tried}")
 
     @contextlib.contextmanager

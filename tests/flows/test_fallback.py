@@ -254,3 +254,12 @@ def test_a_worker_killed_mid_training_is_detected_and_the_next_profile_resumes(p
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [attempts[1].flow_run_id]}))
     assert any("resuming" in log.message for log in logs)  # from the victim's last checkpoint, not from scratch
+
+
+def test_when_no_profile_can_run_now_the_error_gives_each_profiles_reason(pools, shapes_cls):
+    state = train(dataset=str(shapes_cls), compute={"profiles": ["ghost"]}, return_state=True, **FAST)
+    assert state.is_failed()
+    assert "no compute profile can run this training now" in state.message
+    assert "ghost:" in state.message and "no online worker" in state.message
+    assert "strategy 'queue'" in state.message  # and how to wait for capacity instead
+    assert _mlflow_runs(state) == [] and pools.attempts(_request_id(state)) == []  # refused before anything
