@@ -84,9 +84,11 @@ def stack():
     from infra.settings import Settings
 
     settings = Settings.from_env()
-    local_stack.up(settings, worker=False)
-    yield settings
-    local_stack.down(settings)
+    try:
+        local_stack.up(settings, worker=False)
+        yield settings
+    finally:  # also when start-up fails half-way: never leave servers behind
+        local_stack.down(settings)
 
 
 @pytest.fixture(scope="session")
