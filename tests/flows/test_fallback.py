@@ -197,6 +197,10 @@ def test_the_queue_strategy_waits_in_line_for_its_profile_and_shows_the_position
     }
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(train, **request, return_state=True)
+        deadline = time.monotonic() + 120
+        while not any(a.outcome == "dequeued" for a in pools.attempts() if a.profile == "backup"):
+            assert time.monotonic() < deadline, "the first request never got backup's slot"
+            time.sleep(0.2)
         time.sleep(3)  # the second request arrives while the first holds backup's only slot
         second = pool.submit(train, **request, return_state=True)
         states = [first.result(), second.result()]
