@@ -123,7 +123,7 @@ def test_a_run_not_started_by_the_deadline_is_cancelled_and_the_next_profile_tra
         client.send_worker_heartbeat("stalled-pool", "asleep")  # online for 90 s, but never polls
     state = train(
         dataset=str(shapes_cls),
-        compute={"profiles": ["stalled", "backup"], "start_deadline_s": 15},
+        compute={"profiles": ["stalled", "backup"], "start_deadline_s": 25},  # backup needs ~10 s to start
         return_state=True,
         **FAST,
     )
