@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import trainers.offline  # noqa: F401  (before Transformers: offline, no telemetry)
 from trainers.base import Trainer as BaseTrainer
 from trainers.base import TrainJob, TrainResult
+from trainers.export import export_image_classifier
 
 if TYPE_CHECKING:
     import numpy as np
@@ -473,31 +474,8 @@ class HFImageTrainer(BaseTrainer):
         return {f"{split}_accuracy": correct / len(data), f"{split}_loss": loss_sum / len(data)}
 
     def export_onnx(self, job: TrainJob, checkpoint: Path, path: Path, opset: int) -> Path:
-        import warnings
-
-        import torch
-
         module = _logits_module(Path(checkpoint))
-        size = job.config.image_size
-        example = torch.zeros(2, 3, size, size)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            # Shape checks on constant sizes in the models' Python code: harmless for a fixed image size;
-            # the parity check runs the graph on real images with another batch size.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                dynamo=False,  # the dynamo exporter needs onnxscript, which is not installed
-                opset_version=opset,
-                input_names=["pixel_values"],
-                output_names=["logits"],
-                dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-                do_constant_folding=True,
-            )
-        return path
+        return export_image_classifier(module, job.config.image_size, Path(path), opset, input_name="pixel_values")
 
     def parity_inputs(self, job: TrainJob, count: int) -> np.ndarray:
         """`count` val images spread over the split (so over the classes), preprocessed as in evaluation."""

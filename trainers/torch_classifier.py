@@ -21,6 +21,7 @@ from trainers import offline  # noqa: F401  (before any library that might phone
 from trainers.base import Trainer, TrainJob, TrainResult
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
+from trainers.export import export_image_classifier
 
 log = logging.getLogger("trainers.torch")
 CHECKPOINT_FORMAT = 1
@@ -216,20 +217,7 @@ class TorchClassifierTrainer(Trainer):
         return _evaluate(model, loader, nn.CrossEntropyLoss(), torch.device(job.device), split)
 
     def export_onnx(self, job: TrainJob, checkpoint: Path, path: Path, opset: int) -> Path:
-        model = self._load_model(job, checkpoint)
-        example = torch.zeros(1, 3, job.config.image_size, job.config.image_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,  # the dynamo exporter needs onnxscript; the TorchScript one covers these models
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=opset,
-        )
-        return path
+        return export_image_classifier(self._load_model(job, checkpoint), job.config.image_size, path, opset)
 
     def parity_inputs(self, job: TrainJob, count: int) -> np.ndarray:
         return preprocessed_batch(job.dataset, "val", job.config.image_size, count)
