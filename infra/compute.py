@@ -8,11 +8,24 @@ class NoComputeError(RuntimeError):
 
 
 def visible_gpus() -> list[str]:
+    if not _nvidia_driver():  # NVML says so in milliseconds; torch's own CUDA probe takes ~1.5 s to find nothing
+        return []
     import torch
 
     if not torch.cuda.is_available():
         return []
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def _nvidia_driver() -> bool:
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True
 
 
 def local_device(preference: str = "auto") -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,14 @@ class Settings:
     @property
     def mlflow_uri(self) -> str:
         return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def warm_socket(self) -> Path:
+        """The warm-start server's socket (infra/warm_start.py); a Unix socket path must stay under 108 bytes."""
+        path = self.home / "warm-start.sock"
+        if len(str(path)) < 100:
+            return path
+        return Path(tempfile.gettempdir()) / f"trainyard-{hashlib.sha1(str(self.home).encode()).hexdigest()[:12]}.sock"
 
     @property
     def runs_dir(self) -> Path:

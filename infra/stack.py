@@ -83,7 +83,32 @@ def services(settings: Settings) -> list[Service]:
             {},
         ),
         worker_service(settings, settings.work_pool),
+        warm_start_service(settings),
     ]
+
+
+def warm_start_service(settings: Settings) -> Service:
+    """Forks each flow run of this host's process workers from a process with Prefect, torch and the flows
+    imported (infra/warm_start.py): a run starts in milliseconds instead of seconds."""
+    return Service(
+        "warm-start",
+        [sys.executable, "-m", "infra.warm_start", "serve", "--socket", str(settings.warm_socket)],
+        None,
+        None,
+        _run_env(settings),
+    )
+
+
+def _run_env(settings: Settings) -> dict[str, str]:
+    """What flow runs started on this host see, whether forked warm or started cold by a worker."""
+    return {
+        # Runs it starts send heartbeats; the zombie automation marks them Crashed when those stop.
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+        "PREFECT_HOME": str(settings.home / "prefect"),
+        # The job command `python -m infra.warm_start` (infra/work_pools.py) is this virtualenv's Python.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TRAINYARD_WARM_SOCKET": str(settings.warm_socket),
+    }
 
 
 def worker_service(
@@ -110,9 +135,7 @@ def worker_service(
             # Poll every second: the default 10 s makes a triggered run wait 11-13 s to start.
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
-            # Runs it starts send heartbeats; the zombie automation marks them Crashed when those stop.
-            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
-            "PREFECT_HOME": str(settings.home / "prefect"),
+            **_run_env(settings),
             **(extra_env or {}),
         },
     )
@@ -197,15 +220,23 @@ def _wait_healthy(settings: Settings, service: Service, timeout: float = 120) ->
 
 
 def ensure_work_pool(settings: Settings) -> None:
+    """The local process pool, its job command the warm-start launcher (`infra.apply` gives it the same)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
+    from infra.work_pools import WARM_START_COMMAND, default_template
+
+    template = default_template("process")
+    template["variables"]["properties"]["command"]["default"] = WARM_START_COMMAND
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=settings.work_pool, type="process"))
+            client.create_work_pool(WorkPoolCreate(name=settings.work_pool, type="process", base_job_template=template))
             print(f"  work pool {settings.work_pool}: created")
         except ObjectAlreadyExists:
+            existing = client.read_work_pool(settings.work_pool).base_job_template
+            if existing["variables"]["properties"].get("command", {}).get("default") is None:
+                client.update_work_pool(settings.work_pool, WorkPoolUpdate(base_job_template=template))
             print(f"  work pool {settings.work_pool}: exists")
 
 
@@ -220,7 +251,7 @@ def up(settings: Settings, worker: bool = True) -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     (settings.home / "mlflow").mkdir(exist_ok=True)
     os.environ.update(settings.client_env())
-    servers, worker_service = services(settings)[:2], services(settings)[2]
+    servers, worker_service, warm_start = services(settings)[:2], services(settings)[2], services(settings)[3]
     for service in servers:  # start both, then wait: they boot in parallel
         start(settings, service)
     for service in servers:
@@ -229,6 +260,7 @@ def up(settings: Settings, worker: bool = True) -> None:
     if ensure_zombie_automation():
         print("  automation: zombie runs are marked Crashed after 60 s without a heartbeat")
     if worker:
+        start(settings, warm_start)
         start(settings, worker_service)
     env_file = write_env_file(settings)
     print(f"Prefect UI  {settings.prefect_ui}\nMLflow UI   {settings.mlflow_uri}\nCLI env     source {env_file}")

@@ -37,11 +37,12 @@ WORKER_TYPES = {"process": "process", "docker": "docker", "kubernetes": "kuberne
 # The variables whose defaults a profile decides, per kind. `infra.apply` resets these; a default set on any other
 # variable of the pool (in the UI or the API: an ECS cluster, a Kubernetes namespace...) is kept.
 MANAGED_VARIABLES = {
-    "process": {"env"},
+    "process": {"env", "command"},
     "docker": {"container_create_kwargs", "volumes", "mem_limit", "env"},
     "kubernetes": {"cpu_request", "memory_request", "memory_limit", "env", "cluster_config"},
     "ecs": {"launch_type", "cpu", "memory", "env", "aws_credentials"},
 }
+WARM_START_COMMAND = "python -m infra.warm_start"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # set by NVIDIA GPU feature discovery / the GPU operator
 
@@ -115,8 +116,13 @@ def process_template(profile: ComputeProfile, settings: PoolSettings) -> dict[st
     The env default reads CUDA_VISIBLE_DEVICES from the worker's environment when the worker renders the job, so
     `workers --gpus 0,1` (CUDA_VISIBLE_DEVICES=0 and =1) gives each run one GPU, which the trainer sees as cuda:0.
     A worker started without it gives its runs no GPU rather than all of them.
+
+    The command is the warm-start launcher (infra/warm_start.py): a run forks from a server that has Prefect, torch
+    and the flows imported, or starts cold when the host has none. `python` is the worker's: workers started by
+    Trainyard have their virtualenv first on PATH.
     """
     template = default_template("process")
+    _set_default(template, "command", WARM_START_COMMAND)
     if profile.gpu_count > 0:
         _set_default(
             template,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,6 +16,7 @@ from prefect.utilities.importtools import import_object
 
 from flows.request import TrainRequest
 from infra import stack as local_stack
+from infra import warm_start
 from infra.settings import ROOT
 from trainers.data.synthetic import make_shapes_classification, make_shapes_detection
 
@@ -44,7 +46,7 @@ def test_the_nightly_schedule_is_declared_and_documented_as_inactive():
 
 @pytest.fixture(scope="module")
 def worker(stack):
-    """`make deploy` for the torch demo, and a real process worker polling the local pool."""
+    """`make deploy` for the torch demo, and a real process worker polling the local pool, with its warm start."""
     from infra.stack import ensure_work_pool
 
     ensure_work_pool(stack)
@@ -57,10 +59,15 @@ def worker(stack):
         capture_output=True,
         timeout=180,
     )
-    service = local_stack.worker_service(stack, stack.work_pool)
-    local_stack.start(stack, service)
+    services = [local_stack.warm_start_service(stack), local_stack.worker_service(stack, stack.work_pool)]
+    for service in services:
+        local_stack.start(stack, service)
+    deadline = time.monotonic() + 120
+    while not warm_start.ready(stack.warm_socket) and time.monotonic() < deadline:
+        time.sleep(0.5)
     yield stack
-    local_stack.stop(stack, service)
+    for service in reversed(services):
+        local_stack.stop(stack, service)
 
 
 def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker, shapes_cls, tmp_path):
@@ -76,6 +83,8 @@ def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker,
         timeout=300,
     )
     assert run.state.is_completed(), run.state.message
+    warm_log = (worker.home / "logs" / "warm-start.log").read_text()
+    assert f"flow run {run.id} forked" in warm_log  # started warm, from the preloaded server (infra/warm_start.py)
 
     mlflow_run = mlflow.search_runs(
         search_all_experiments=True,
