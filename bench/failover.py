@@ -6,12 +6,13 @@
                 Failure = the attempt's Crashed state; fallback = the next attempt submitted.
 - worker_death: the worker and its training process are killed (kill -9) mid-training. Failure = the kill;
                 fallback = the next attempt submitted (after the zombie automation marks the run Crashed).
-Each line also gives the time until the fallback's training step is Running (a new process on this machine).
+The figure is the time until the fallback's training step is Running (the issue's "fallback attempt running");
+each line also gives the time until that attempt was submitted.
 
 It uses the running stack (`make up`) with its own temporary store, pools and workers.
 
     python bench/failover.py
-Last line: failover_s no_worker=<s> crash=<s> worker_death=<s>
+Last line: failover_s no_worker=<s> crash=<s> worker_death=<s>   (failure -> fallback's training step Running)
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def main() -> None:
             f"{name}: failure -> fallback attempt submitted {submitted:.2f} s, "
             f"-> its training step Running {running:.2f} s"
         )
-    print("failover_s " + " ".join(f"{name}={submitted:.2f}" for name, (submitted, _) in figures.items()))
+    print("failover_s " + " ".join(f"{name}={running:.2f}" for name, (_, running) in figures.items()))
 
 
 if __name__ == "__main__":

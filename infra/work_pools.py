@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -300,14 +299,14 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.from_env()
     services = gpu_workers(args.pool, gpu_indices(args.gpus), settings)
+    if args.start:  # the host's warm-start server first (reused when `make up` already started it)
+        settings.home.mkdir(parents=True, exist_ok=True)
+        stack.start(settings, stack.warm_start_service(settings))
     for service in services:
         if args.start:
-            stack._start(settings, service)
+            stack.start(settings, service)
         elif args.stop:
-            process = stack._running(settings, service)
-            if process:
-                stack._stop(process, service.name, signal.SIGINT)
-            stack._pidfile(settings, service).unlink(missing_ok=True)
+            stack.stop(settings, service)
         else:
             print(_command_line(service))
     return 0

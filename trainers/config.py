@@ -42,6 +42,13 @@ class CheckpointPolicy(StrictModel):
     """When training writes a resumable checkpoint."""
 
     every_n_epochs: int = Field(1, ge=1, description="Write a checkpoint every N epochs (the last epoch always).")
+    every_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Also write one when this many seconds have passed since the last, mid-epoch where the trainer "
+        "allows it (torch); at most one interval of work is lost to a crash.",
+    )
+    keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept besides the best one (the newest K).")
 
 
 class TrainConfig(StrictModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +38,14 @@ def export_image_classifier(module, image_size: int, path: Path, opset: int, inp
         torch.onnx.export(
             module,
             (torch.zeros(2, 3, image_size, image_size),),
-            str(path),
+            str(tmp := path.with_name(f".{path.name}.tmp")),  # a crash mid-export never leaves a partial model
             dynamo=False,  # the dynamo exporter needs onnxscript; the TorchScript one covers these models
             opset_version=opset,
             input_names=[input_name],
             output_names=["logits"],
             dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
         )
+    os.replace(tmp, path)
     return path
 
 

@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import random
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +21,13 @@ from torch.utils.data import DataLoader
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
 from trainers.base import Trainer, TrainJob, TrainResult
+from trainers.checkpoints import CheckpointError, CheckpointStore
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
 from trainers.export import export_image_classifier
 
 log = logging.getLogger("trainers.torch")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: mid-epoch progress, per-epoch loader order
 
 
 def tiny_cnn(num_classes: int) -> nn.Module:
@@ -84,93 +87,108 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact, never a truncated one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint, so a resumed run continues mid-epoch where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps done in all
+    loss_sum: float = 0.0  # the current epoch's train loss so far (sum over samples)
+    seen: int = 0
+    best: dict = field(default_factory=lambda: {"val_accuracy": -1.0})
+    history: dict = field(default_factory=dict)  # epoch -> its metrics, what MLflow must end up with
 
 
 class TorchClassifierTrainer(Trainer):
     def train(self, job: TrainJob) -> TrainResult:
         config, device = job.config, torch.device(job.device)
         seed_everything(config.seed, config.deterministic)
-        job.output_dir.mkdir(parents=True, exist_ok=True)
-        last_path, best_path = job.output_dir / "last.pt", job.output_dir / "best.pt"
+        store = CheckpointStore(job.output_dir, config.checkpoint.keep_last)
 
         train_data = ImageFolderSplit(job.dataset, "train", train_transform(config.image_size, config.augmentations))
         val_data = ImageFolderSplit(job.dataset, "val", eval_transform(config.image_size))
-        generator = torch.Generator().manual_seed(config.seed)
-        train_loader = DataLoader(
-            train_data, config.batch_size, shuffle=True, num_workers=config.workers, generator=generator
-        )
         val_loader = DataLoader(val_data, config.batch_size, num_workers=config.workers)
+        steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
 
         model = build_model(config.model, len(job.dataset.labels)).to(device)
         optimizer = make_optimizer(config, model.parameters())
-        scheduler = make_scheduler(config, optimizer, config.epochs * len(train_loader))
+        scheduler = make_scheduler(config, optimizer, config.epochs * steps_per_epoch)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=config.loss.label_smoothing)
 
-        start_epoch, best = 0, {"val_accuracy": -1.0}
-        if last_path.exists():
-            start_epoch, best = self._resume(job, last_path, model, optimizer, scheduler, generator)
-        job.emit_start(config.epochs, start_epoch)
+        progress = Progress()
+        if found := store.latest(load_checkpoint):
+            progress = self._resume(job, *found, model, optimizer, scheduler)
+        metrics_log = _MlflowEpochs()
+        metrics_log.flush(progress.history)  # a crash between a checkpoint and its logging left these out
+        job.emit_start(config.epochs, progress.epoch)
+        interval = config.checkpoint.every_seconds
+        last_saved = time.monotonic()
 
-        epoch = start_epoch
-        for epoch in range(start_epoch + 1, config.epochs + 1):
+        def time_is_up() -> bool:
+            return bool(interval) and time.monotonic() - last_saved >= interval
+
+        def checkpoint(best: bool = False) -> None:
+            nonlocal last_saved
+            state = self._state(job, model, optimizer, scheduler, progress)
+            path = store.save(lambda handle: torch.save(state, handle), progress.epoch, progress.step, best)
+            last_saved = time.monotonic()
+            metrics_log.flush(progress.history)  # only epochs a checkpoint holds: a resumed run never repeats one
+            job.emit_checkpoint(progress.epoch, path)
+
+        for epoch in range(progress.epoch + 1, config.epochs + 1):
             model.train()
-            total, seen = 0.0, 0
-            for images, targets in train_loader:
+            for images, targets in _epoch_loader(train_data, config, epoch, skip=progress.batch):
                 images, targets = images.to(device), targets.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(images), targets)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total, seen = total + loss.item() * len(targets), seen + len(targets)
+                progress.batch, progress.step = progress.batch + 1, progress.step + 1
+                progress.loss_sum += loss.item() * len(targets)
+                progress.seen += len(targets)
+                if time_is_up() and progress.batch < steps_per_epoch:
+                    checkpoint()  # mid-epoch: the time-based policy
             metrics = {
-                "train_loss": total / max(seen, 1),
+                "train_loss": progress.loss_sum / max(progress.seen, 1),
                 **_evaluate(model, val_loader, loss_fn, device, "val"),
+                "learning_rate": scheduler.get_last_lr()[0],
             }
-            metrics["learning_rate"] = scheduler.get_last_lr()[0]
-            _log_to_active_mlflow_run(metrics, epoch)
+            progress.epoch, progress.batch, progress.loss_sum, progress.seen = epoch, 0, 0.0, 0
+            progress.history[epoch] = metrics
             job.emit_epoch(epoch, metrics)
             log.info("epoch %d/%d %s", epoch, config.epochs, _fmt(metrics))
 
-            state = self._state(job, model, optimizer, scheduler, generator, epoch, best)
-            if metrics["val_accuracy"] > best["val_accuracy"]:
-                best = {k: v for k, v in metrics.items() if k.startswith("val_")}
-                state["best"] = best
-                save_checkpoint(best_path, state)
-            if epoch % config.checkpoint.every_n_epochs == 0 or epoch == config.epochs:
-                save_checkpoint(last_path, state)
-                job.emit_checkpoint(epoch, last_path)
+            improved = metrics["val_accuracy"] > progress.best["val_accuracy"]
+            if improved:
+                progress.best = {k: v for k, v in metrics.items() if k.startswith("val_")}
+            due = epoch % config.checkpoint.every_n_epochs == 0 or time_is_up()
+            if improved or due or epoch == config.epochs:
+                checkpoint(best=improved)
 
         return TrainResult(
-            best_checkpoint=best_path,
-            last_checkpoint=last_path,
+            best_checkpoint=job.output_dir / "best.pt",
+            last_checkpoint=job.output_dir / "last.pt",
             labels=list(job.dataset.labels),
-            metrics=best,
-            epochs_completed=epoch,
+            metrics=progress.best,
+            epochs_completed=progress.epoch,
             primary_metric="val_accuracy",
         )
 
     @staticmethod
-    def _state(job, model, optimizer, scheduler, generator, epoch, best) -> dict:
+    def _state(job, model, optimizer, scheduler, progress: Progress) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "best": best,
+            "progress": asdict(progress),
+            "epoch": progress.epoch,
             "labels": list(job.dataset.labels),
             "dataset_version": job.dataset.version,
             "config": job.config.model_dump(mode="json"),
@@ -178,31 +196,40 @@ class TorchClassifierTrainer(Trainer):
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
                 "torch": torch.get_rng_state(),
-                "loader": generator.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             },
         }
 
     @staticmethod
-    def _resume(job, path, model, optimizer, scheduler, generator) -> tuple[int, dict]:
-        state = load_checkpoint(path)
+    def _resume(job, path, state, model, optimizer, scheduler) -> Progress:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"checkpoint {path} has format {state.get('format')}, this trainer writes {CHECKPOINT_FORMAT}: "
+                "it cannot resume it exactly; use a new output directory"
+            )
         if state["labels"] != list(job.dataset.labels) or state["dataset_version"] != job.dataset.version:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} was trained on another dataset or label map "
                 f"({state['dataset_version']}, {state['labels']}); use a new output directory or remove it"
             )
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"checkpoint {path} holds another architecture ({state['config']['model']!r}) than this run's "
+                f"{job.config.model!r}; use a new output directory. ({str(error).splitlines()[0]})"
+            ) from error
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        generator.set_state(rng["loader"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        log.info("resuming from %s at epoch %d", path, state["epoch"])
-        return state["epoch"], state["best"]
+        progress = Progress(**state["progress"])
+        log.info("resuming from %s at epoch %d, batch %d", path, progress.epoch, progress.batch)
+        return progress
 
     def _load_model(self, job: TrainJob, checkpoint: Path) -> nn.Module:
         state = load_checkpoint(checkpoint)
@@ -240,12 +267,39 @@ def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device: torch.devic
     return {f"{split}_accuracy": correct / max(total, 1), f"{split}_loss": loss / max(total, 1)}
 
 
-def _log_to_active_mlflow_run(metrics: dict[str, float], epoch: int) -> None:
-    """Like the other libraries' MLflow callbacks: log into the caller's run if there is one, else nothing."""
-    import mlflow
+def _epoch_loader(data, config: TrainConfig, epoch: int, skip: int) -> DataLoader:
+    """The epoch's batches in an order fixed by (seed, epoch), from batch `skip` on: a resumed epoch sees exactly
+    the batches the interrupted one had left. The loader's own generator seeds its workers, so it never draws
+    from the global RNG that the augmentations use."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+    indices = order[skip * config.batch_size :].tolist()
+    seeds = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 7919 + skip)
+    return DataLoader(data, config.batch_size, sampler=indices, num_workers=config.workers, generator=seeds)
 
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics, step=epoch)
+
+class _MlflowEpochs:
+    """Epoch metrics into the caller's active MLflow run (like the other libraries' callbacks), each exactly once.
+
+    Only epochs a checkpoint holds are logged, after it is written: a crash loses at most metrics the resumed
+    attempt recomputes, and on resume the epochs the run lacks are filled in (read back from the run)."""
+
+    def __init__(self) -> None:
+        import mlflow
+
+        self.run = mlflow.active_run()
+        self.logged: set[int] = set()
+        if self.run is not None:
+            history = mlflow.MlflowClient().get_metric_history(self.run.info.run_id, "train_loss")
+            self.logged = {metric.step for metric in history}
+
+    def flush(self, history: dict[int, dict[str, float]]) -> None:
+        if self.run is None:
+            return
+        import mlflow
+
+        for epoch in sorted(set(history) - self.logged):
+            mlflow.log_metrics(history[epoch], step=epoch)
+            self.logged.add(epoch)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

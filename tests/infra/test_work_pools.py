@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 
 import pytest
@@ -72,6 +73,25 @@ def test_a_gpu_host_gets_one_single_run_worker_per_gpu(capsys):
     assert main(["workers", "--pool", "gpu-host-0", "--gpus", "0,1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"]
+
+
+def test_gpu_workers_start_with_the_hosts_warm_start_and_stop(client, unique, stack):
+    from infra import stack as local_stack
+    from infra.work_pools import main
+
+    assert main(["workers", "--pool", unique, "--gpus", "0", "--start"]) == 0
+    [service] = gpu_workers(unique, [0])
+    try:
+        assert local_stack.running(stack, local_stack.warm_start_service(stack)) is not None
+        deadline = time.monotonic() + 90
+        while not (online := client.read_workers_for_work_pool(unique)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert [w.name for w in online] == [service.argv[service.argv.index("--name") + 1]]
+        assert service.extra_env["TRAINYARD_WARM_SOCKET"] == str(stack.warm_socket)
+    finally:
+        assert main(["workers", "--pool", unique, "--gpus", "0", "--stop"]) == 0
+    assert local_stack.running(stack, service) is None
+    assert local_stack.running(stack, local_stack.warm_start_service(stack))  # shared with the host's other workers
 
 
 def test_docker_requests_the_profiles_gpus_and_mounts_the_shared_checkpoints():

@@ -1,0 +1,157 @@
+"""Checkpoints of the torch trainer under kill -9: exact resume, damaged and incompatible checkpoints, retention,
+and MLflow metrics logged exactly once. The trainer runs in its own process (torch_driver.py) so it can be killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra.settings import ROOT
+from trainers.base import TrainJob
+from trainers.checkpoints import CheckpointError, CheckpointStore
+from trainers.config import TrainConfig
+from trainers.data.synthetic import make_shapes_classification
+from trainers.data.validate import load_dataset
+from trainers.torch_classifier import TorchClassifierTrainer
+
+DRIVER = Path(__file__).with_name("torch_driver.py")
+EPOCHS = 3
+STEPS_PER_EPOCH = 9  # 36 training images, batches of 4
+EVERY_STEP = "0.000001"  # every_seconds so small that each training step writes a checkpoint
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt-data") / "shapes"
+    return make_shapes_classification(root, train_per_class=12, val_per_class=4, test_per_class=2, image_size=32)
+
+
+def train(dataset: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+    variables = {**os.environ, "DATASET": str(dataset), "OUT": str(out), "EPOCHS": str(EPOCHS), **env}
+    return subprocess.run(
+        [sys.executable, str(DRIVER)], env=variables, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def state(out: Path) -> dict:
+    return torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = train(dataset, out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def assert_same_training(out: Path, reference: Path) -> None:
+    ours, theirs = state(out), state(reference)
+    assert ours["progress"]["epoch"] == EPOCHS
+    for name, tensor in theirs["model"].items():
+        assert (ours["model"][name].float() - tensor.float()).abs().max().item() <= 1e-6, name
+    assert ours["progress"]["history"] == theirs["progress"]["history"]  # every epoch's metrics, exactly
+
+
+def test_killed_mid_epoch_and_resumed_ends_with_the_weights_and_metrics_of_an_uninterrupted_run(
+    dataset, uninterrupted, tmp_path
+):
+    killed = train(dataset, tmp_path, KILL_AT_STEP=str(STEPS_PER_EPOCH + 5), EVERY_SECONDS=EVERY_STEP)
+    assert killed.returncode == -9
+    progress = state(tmp_path)["progress"]
+    assert (progress["epoch"], progress["batch"]) == (1, 4)  # the last checkpoint is mid-epoch
+    resumed = train(dataset, tmp_path, EVERY_SECONDS=EVERY_STEP)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "at epoch 1, batch 4" in resumed.stderr
+    assert_same_training(tmp_path, uninterrupted)
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_one_before(dataset, uninterrupted, tmp_path):
+    killed = train(dataset, tmp_path, KILL_IN_SAVE="7", EVERY_SECONDS=EVERY_STEP)
+    assert killed.returncode == -9
+    assert list(tmp_path.glob(".*.tmp")), "the half-written file should be the temporary one"
+    store = CheckpointStore(tmp_path)
+    assert all(store.verified(entry) for entry in store.entries())  # the manifest names only whole files
+    assert state(tmp_path)["progress"]["step"] == 6
+    resumed = train(dataset, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training(tmp_path, uninterrupted)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_with_a_warning(dataset, uninterrupted, tmp_path):
+    assert train(dataset, tmp_path, KILL_AT_STEP="12", EVERY_SECONDS=EVERY_STEP).returncode == -9
+    newest = CheckpointStore(tmp_path).entries()[-1]
+    with open(tmp_path / newest.file, "r+b") as handle:  # a bad disk block in the middle of the file
+        handle.seek(newest.bytes // 2)
+        handle.write(b"\xff" * 64)
+    resumed = train(dataset, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {tmp_path / newest.file} is damaged" in resumed.stderr
+    assert_same_training(tmp_path, uninterrupted)
+
+
+def test_no_usable_checkpoint_is_a_clear_error_never_a_silent_restart(dataset, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    for entry in CheckpointStore(out).entries():
+        (out / entry.file).write_bytes(b"truncated")
+    failed = train(dataset, out)
+    assert failed.returncode == 1
+    assert f"CheckpointError: no usable checkpoint in {out}" in failed.stderr
+    assert "remove the directory" in failed.stderr
+
+
+def test_a_checkpoint_of_another_model_or_label_map_is_refused_by_name(dataset, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    other_model = TrainConfig(dataset=str(dataset), trainer="torch", model="mobilenet_v3_small", epochs=EPOCHS + 1)
+    with pytest.raises(CheckpointError, match="another architecture .'torch_driver:model'."):
+        TorchClassifierTrainer().train(TrainJob(other_model, load_dataset(dataset), out))
+
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(dataset, relabelled)
+    for split in ("train", "val", "test"):
+        (relabelled / split / "circle").rename(relabelled / split / "disc")
+    config = TrainConfig(dataset=str(relabelled), trainer="torch", model="tiny-cnn", epochs=EPOCHS)
+    with pytest.raises(CheckpointError, match="another dataset or label map"):
+        TorchClassifierTrainer().train(TrainJob(config, load_dataset(relabelled), out))
+
+
+def test_retention_keeps_the_newest_checkpoints_and_the_best(uninterrupted):
+    manifest = json.loads((uninterrupted / "checkpoints.json").read_text())
+    kept = {entry["file"] for entry in manifest["checkpoints"]}
+    assert manifest["best"] in kept and manifest["last"] in kept
+    assert len(kept - {manifest["best"]}) <= 2  # keep_last defaults to 2
+    assert {path.name for path in uninterrupted.glob("ckpt-*.pt")} == kept  # the others are deleted
+    assert (uninterrupted / "last.pt").samefile(uninterrupted / manifest["last"])
+    assert (uninterrupted / "best.pt").samefile(uninterrupted / manifest["best"])
+
+
+def test_each_epochs_metrics_reach_mlflow_exactly_once_across_a_kill(stack, dataset, uninterrupted, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("checkpoint-tests") or client.get_experiment(
+        client.create_experiment("checkpoint-tests")
+    )
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    # Killed in epoch 3, after epoch 2's metrics were logged (epoch checkpoints only): the resumed attempt
+    # repeats epoch 3 but must not repeat 1 or 2.
+    killed = train(dataset, tmp_path, KILL_AT_STEP=str(2 * STEPS_PER_EPOCH + 3), MLFLOW_RUN_ID=run_id)
+    assert killed.returncode == -9
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
+    resumed = train(dataset, tmp_path, MLFLOW_RUN_ID=run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = state(uninterrupted)["progress"]["history"]
+    for name in ("train_loss", "val_accuracy", "val_loss", "learning_rate"):
+        history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+        assert [m.step for m in history] == [1, 2, 3], name
+        assert [m.value for m in history] == pytest.approx([expected[e][name] for e in (1, 2, 3)], abs=1e-9)
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -1,0 +1,89 @@
+"""Runs the torch trainer in its own process, for tests that kill it: `python tests/trainers/torch_driver.py`.
+
+Environment: DATASET, OUT, EPOCHS, EVERY_SECONDS (optional), KILL_AT_STEP (kill -9 before that training step of
+this process), KILL_IN_SAVE (kill -9 half-way through that checkpoint write), MLFLOW_RUN_ID (log into that run).
+The model is the trainer's tiny CNN, built through the user-model hook (`model: "torch_driver:model"`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from trainers.base import TrainJob
+from trainers.config import TrainConfig
+from trainers.data.validate import load_dataset
+from trainers.torch_classifier import TorchClassifierTrainer, tiny_cnn
+
+KILL_AT_STEP = int(os.environ.get("KILL_AT_STEP", "0"))
+KILL_IN_SAVE = int(os.environ.get("KILL_IN_SAVE", "0"))
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def model(num_classes: int) -> torch.nn.Module:
+    net = tiny_cnn(num_classes)
+    steps = 0
+
+    def before_forward(module, args):
+        nonlocal steps
+        if module.training:
+            steps += 1
+            if steps == KILL_AT_STEP:
+                _die()
+
+    net.register_forward_pre_hook(before_forward)
+    return net
+
+
+_real_save, _saves = torch.save, 0
+
+
+def _save(obj, handle, *args, **kwargs):
+    global _saves
+    _saves += 1
+    if _saves == KILL_IN_SAVE:  # half a file on disk, then the process is gone
+        handle.write(b"PK\x03\x04" + b"\0" * 4096)
+        handle.flush()
+        os.fsync(handle.fileno())
+        _die()
+    return _real_save(obj, handle, *args, **kwargs)
+
+
+torch.save = _save
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    every = os.environ.get("EVERY_SECONDS")
+    config = TrainConfig(
+        dataset=os.environ["DATASET"],
+        trainer="torch",
+        model="torch_driver:model",
+        epochs=int(os.environ["EPOCHS"]),
+        batch_size=4,
+        image_size=32,
+        learning_rate=0.01,
+        deterministic=True,
+        checkpoint={"every_seconds": float(every)} if every else {},
+    )
+    job = TrainJob(config, load_dataset(config.dataset), Path(os.environ["OUT"]))
+    if run_id := os.environ.get("MLFLOW_RUN_ID"):
+        import mlflow
+
+        mlflow.start_run(run_id=run_id)
+    result = TorchClassifierTrainer().train(job)
+    print(json.dumps({"epochs_completed": result.epochs_completed}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
