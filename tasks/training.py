@@ -39,6 +39,7 @@ class PrefectProgress(Callback):
 
     def on_checkpoint(self, epoch: int, path: Path) -> None:
         self.logger.info("checkpoint after epoch %d: %s", epoch, path)
+        mlflow.set_tag("checkpoint.last", str(path))  # what a cancelled or crashed run leaves to resume from
 
 
 def make_job(request, dataset: DatasetSpec, device: str, output_dir: Path, callbacks=()) -> TrainJob:

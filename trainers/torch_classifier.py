@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
-from trainers.base import Trainer, TrainJob, TrainResult
+from trainers.base import Trainer, TrainingStopped, TrainJob, TrainResult
 from trainers.checkpoints import CheckpointError, CheckpointStore
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
@@ -105,6 +105,8 @@ class Progress:
 
 
 class TorchClassifierTrainer(Trainer):
+    stops_gracefully = True
+
     def train(self, job: TrainJob) -> TrainResult:
         config, device = job.config, torch.device(job.device)
         seed_everything(config.seed, config.deterministic)
@@ -140,36 +142,56 @@ class TorchClassifierTrainer(Trainer):
             metrics_log.flush(progress.history)  # only epochs a checkpoint holds: a resumed run never repeats one
             job.emit_checkpoint(progress.epoch, path)
 
-        for epoch in range(progress.epoch + 1, config.epochs + 1):
-            model.train()
-            for images, targets in _epoch_loader(train_data, config, epoch, skip=progress.batch):
-                images, targets = images.to(device), targets.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(images), targets)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                progress.batch, progress.step = progress.batch + 1, progress.step + 1
-                progress.loss_sum += loss.item() * len(targets)
-                progress.seen += len(targets)
-                if time_is_up() and progress.batch < steps_per_epoch:
-                    checkpoint()  # mid-epoch: the time-based policy
-            metrics = {
-                "train_loss": progress.loss_sum / max(progress.seen, 1),
-                **_evaluate(model, val_loader, loss_fn, device, "val"),
-                "learning_rate": scheduler.get_last_lr()[0],
-            }
-            progress.epoch, progress.batch, progress.loss_sum, progress.seen = epoch, 0, 0.0, 0
-            progress.history[epoch] = metrics
-            job.emit_epoch(epoch, metrics)
-            log.info("epoch %d/%d %s", epoch, config.epochs, _fmt(metrics))
-
-            improved = metrics["val_accuracy"] > progress.best["val_accuracy"]
-            if improved:
-                progress.best = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            due = epoch % config.checkpoint.every_n_epochs == 0 or time_is_up()
-            if improved or due or epoch == config.epochs:
-                checkpoint(best=improved)
+        consistent = True  # False while the model, the optimizer and `progress` are being updated together
+        try:
+            for epoch in range(progress.epoch + 1, config.epochs + 1):
+                model.train()
+                for images, targets in _epoch_loader(train_data, config, epoch, skip=progress.batch):
+                    if job.stop.is_set():  # pause or checkpoint-and-stop: keep the work up to this step
+                        checkpoint()
+                        raise TrainingStopped(job.output_dir / "last.pt")
+                    images, targets = images.to(device), targets.to(device)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(images), targets)
+                    loss.backward()
+                    consistent = False
+                    optimizer.step()
+                    scheduler.step()
+                    progress.batch, progress.step = progress.batch + 1, progress.step + 1
+                    progress.loss_sum += loss.item() * len(targets)
+                    progress.seen += len(targets)
+                    consistent = True
+                    if time_is_up() and progress.batch < steps_per_epoch:
+                        checkpoint()  # mid-epoch: the time-based policy
+                metrics = {
+                    "train_loss": progress.loss_sum / max(progress.seen, 1),
+                    **_evaluate(model, val_loader, loss_fn, device, "val"),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                }
+                improved = metrics["val_accuracy"] > progress.best["val_accuracy"]
+                consistent = False
+                progress.epoch, progress.batch, progress.loss_sum, progress.seen = epoch, 0, 0.0, 0
+                progress.history[epoch] = metrics
+                if improved:
+                    progress.best = {k: v for k, v in metrics.items() if k.startswith("val_")}
+                consistent = True
+                job.emit_epoch(epoch, metrics)
+                log.info("epoch %d/%d %s", epoch, config.epochs, _fmt(metrics))
+                due = epoch % config.checkpoint.every_n_epochs == 0 or time_is_up()
+                if improved or due or epoch == config.epochs:
+                    checkpoint(best=improved)
+        except BaseException as interruption:
+            # A signal (Prefect's cancellation, Ctrl-C) rather than an error: keep the work done so far, when it
+            # did not land in the middle of an update.
+            if not isinstance(interruption, Exception) and consistent:
+                checkpoint()
+                log.warning(
+                    "interrupted (%s): checkpoint at epoch %d, batch %d",
+                    type(interruption).__name__,
+                    progress.epoch,
+                    progress.batch,
+                )
+            raise
 
         return TrainResult(
             best_checkpoint=job.output_dir / "best.pt",

@@ -96,3 +96,37 @@ def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker,
     assert version.run_id == mlflow_run[0].info.run_id
     local = mlflow.artifacts.download_artifacts(f"models:/deployment-test/{version.version}", dst_path=str(tmp_path))
     assert (Path(local) / "model.onnx").stat().st_size > 1000
+
+
+def test_cancelling_a_training_run_keeps_its_work_and_ends_cancelled_and_killed(worker, shapes_cls):
+    """Cancel from the UI or `prefect flow-run cancel` (both set Cancelling): the worker's SIGTERM interrupts the
+    trainer, which checkpoints the work up to its last complete step; the run ends Cancelled and its MLflow run
+    KILLED, naming that checkpoint."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from infra.settings import Settings
+    from trainers.checkpoints import CheckpointStore
+
+    parameters = {"dataset": str(shapes_cls), "epochs": 500, "image_size": 32, "batch_size": 4}
+    run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
+    store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
+    deadline = time.monotonic() + 180
+    while not store.entries() and time.monotonic() < deadline:  # training has started and saved once
+        time.sleep(0.5)
+    assert store.entries(), "training never wrote its first checkpoint"
+    with get_client(sync_client=True) as client:
+        cancelled_at = time.time()
+        client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
+        while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline + 120:
+            time.sleep(0.5)
+    assert state.is_cancelled(), state
+    newest = store.entries()[-1]
+    assert newest.written_at >= cancelled_at  # written on the way out, not an earlier periodic one
+    assert store.verified(newest) and newest.epoch < 500
+
+    [mlflow_run] = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'", output_format="list"
+    )
+    assert mlflow_run.info.status == "KILLED"
+    assert mlflow_run.data.tags["checkpoint.last"].endswith(newest.file)

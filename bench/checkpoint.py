@@ -1,0 +1,137 @@
+"""Checkpoint cost: save and load time and size for each trainer's demo model, and checkpointing's share of the
+training wall time at the default interval (every epoch).
+
+Each trainer trains its demo configuration (prefect.yaml) on the generated demo data, directly through trainers/.
+Time spent writing checkpoints is measured where they are written: `torch.save` and safetensors' `save_file`
+(what Ultralytics and Transformers call), and the torch trainer's CheckpointStore.save (which adds the checksum and
+the manifest), counting only the outermost call. The load time is reading the final resumable checkpoint back.
+
+    python bench/checkpoint.py [--trainers torch,hf-image,yolo] [--epochs-scale 1.0]
+Last line: checkpoint_overhead_pct=<the largest share among the trainers, in %>
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from trainers import checkpoints
+from trainers.base import TrainJob
+from trainers.config import TrainConfig
+from trainers.data.synthetic import make_shapes_classification, make_shapes_detection
+from trainers.data.validate import load_dataset
+from trainers.registry import get_trainer
+
+DEMOS = {  # the demo deployments' parameters (prefect.yaml)
+    "torch": dict(model="tiny-cnn", epochs=10, learning_rate=0.003),
+    "hf-image": dict(model="vit-tiny", epochs=5, batch_size=32, learning_rate=0.001),
+    "yolo": dict(model="yolov8n.yaml", epochs=10, batch_size=16, image_size=128, learning_rate=0.01, optimizer="sgd"),
+}
+
+
+class SaveTimer:
+    """Wall time inside checkpoint writers, outermost calls only (a store's save wraps a torch.save)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.count, self._depth = 0.0, 0, 0
+
+    def wrap(self, owner, name: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - start
+                    self.count += 1
+
+        setattr(owner, name, timed)
+
+
+def final_checkpoint(trainer: str, out: Path) -> list[Path]:
+    """The files a resume reads."""
+    if trainer == "torch":
+        return [out / "last.pt"]
+    if trainer == "yolo":
+        return [out / "weights" / "last.pt"]
+    latest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return sorted(p for p in latest.iterdir() if p.suffix in {".pt", ".pth", ".safetensors", ".bin"})
+
+
+def load_seconds(files: list[Path]) -> float:
+    start = time.perf_counter()
+    for path in files:
+        if path.suffix == ".safetensors":
+            safetensors.torch.load_file(path)
+        else:
+            torch.load(path, map_location="cpu", weights_only=False)
+    return time.perf_counter() - start
+
+
+def measure(trainer: str, data: Path, scale: float) -> dict[str, float]:
+    demo = dict(DEMOS[trainer])
+    demo["epochs"] = max(2, round(demo["epochs"] * scale))
+    dataset = data / ("shapes-det/data.yaml" if trainer == "yolo" else "shapes-cls")
+    config = TrainConfig(dataset=str(dataset), trainer=trainer, **demo)
+    timer = SaveTimer()
+    timer.wrap(torch, "save")
+    timer.wrap(safetensors.torch, "save_file")
+    timer.wrap(checkpoints.CheckpointStore, "save")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        job = TrainJob(config, load_dataset(config.dataset), out)
+        start = time.perf_counter()
+        get_trainer(trainer).train(job)
+        wall = time.perf_counter() - start
+        files = final_checkpoint(trainer, out)
+        size_mb = sum(p.stat().st_size for p in files) / 1e6
+        load_s = load_seconds(files)
+    return {
+        "epochs": demo["epochs"],
+        "wall_s": wall,
+        "checkpoints": timer.count,
+        "save_s": timer.seconds / max(timer.count, 1),
+        "load_s": load_s,
+        "size_mb": size_mb,
+        "share_pct": 100 * timer.seconds / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trainers", default=",".join(DEMOS))
+    parser.add_argument("--epochs-scale", type=float, default=1.0, help="fraction of the demo's epochs to train")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        make_shapes_classification(data / "shapes-cls")
+        make_shapes_detection(data / "shapes-det")
+        shares = []
+        for trainer in args.trainers.split(","):
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the libraries' progress bars
+                figures = measure(trainer, data, args.epochs_scale)
+            shares.append(figures["share_pct"])
+            print(
+                f"{trainer}: {figures['epochs']} epochs in {figures['wall_s']:.1f} s, {figures['checkpoints']} "
+                f"checkpoint writes of {figures['size_mb']:.2f} MB, save {figures['save_s'] * 1000:.0f} ms each, "
+                f"load {figures['load_s'] * 1000:.0f} ms, share of training {figures['share_pct']:.2f} %",
+                flush=True,
+            )
+    print(f"checkpoint_overhead_pct={max(shares):.2f}")
+
+
+if __name__ == "__main__":
+    main()
