@@ -2,9 +2,10 @@
 training wall time at the default interval (every epoch).
 
 Each trainer trains its demo configuration (prefect.yaml) on the generated demo data, directly through trainers/.
-Time spent writing checkpoints is measured where they are written: `torch.save` and safetensors' `save_file`
-(what Ultralytics and Transformers call), and the torch trainer's CheckpointStore.save (which adds the checksum and
-the manifest), counting only the outermost call. The load time is reading the final resumable checkpoint back.
+Time spent writing checkpoints is measured where they are written, counting only the outermost call: the torch
+trainer's CheckpointStore.save (with the checksum and the manifest), Transformers' Trainer._save_checkpoint,
+Ultralytics' BaseTrainer.save_model, and any other `torch.save` or safetensors `save_file` call. The load time is
+reading the final resumable checkpoint back.
 
     python bench/checkpoint.py [--trainers torch,hf-image,yolo] [--epochs-scale 1.0]
 Last line: checkpoint_overhead_pct=<the largest share among the trainers, in %>
@@ -90,6 +91,14 @@ def measure(trainer: str, data: Path, scale: float) -> dict[str, float]:
     timer.wrap(torch, "save")
     timer.wrap(safetensors.torch, "save_file")
     timer.wrap(checkpoints.CheckpointStore, "save")
+    if trainer == "hf-image":  # the whole checkpoint: weights, optimizer, scheduler, RNG, trainer state, configs
+        import transformers
+
+        timer.wrap(transformers.Trainer, "_save_checkpoint")
+    if trainer == "yolo":
+        from ultralytics.engine.trainer import BaseTrainer
+
+        timer.wrap(BaseTrainer, "save_model")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         job = TrainJob(config, load_dataset(config.dataset), out)
