@@ -35,8 +35,9 @@ class TrainSummary:
     compute_reasons: dict[str, str]  # every profile and why it was (not) chosen
 
 
-def _close_mlflow_run(flow, run, state) -> None:
-    end_runs_left_running(str(run.id), "KILLED" if state.is_cancelled() else "FAILED")
+def _close_mlflow_run(flow, flow_run, state) -> None:
+    # Prefect calls hooks with these keyword names (a worker runs them for a cancelled or crashed process).
+    end_runs_left_running(str(flow_run.id), "KILLED" if state.is_cancelled() or state.is_cancelling() else "FAILED")
 
 
 @flow(name="train", on_crashed=[_close_mlflow_run], on_cancellation=[_close_mlflow_run])

@@ -38,7 +38,8 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 
 @contextlib.contextmanager
 def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
-    """Start the run, yield its id; end it FINISHED, or FAILED (KILLED on cancel) when the stage raises."""
+    """Start the run (or continue this flow run's unfinished one), yield its id; end it FINISHED, or FAILED
+    (KILLED on cancel) when the stage raises."""
     mlflow.set_experiment(request.experiment)
     ui = flow_run.ui_url
     tags = {
@@ -55,7 +56,12 @@ def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
         "prefect.flow_run_url": ui or "",
         "mlflow.note.content": f"Prefect run: {ui}" if ui else "",
     }
-    run = mlflow.start_run(run_name=flow_run.name or None, tags=tags)
+    earlier = [r for r in runs_of_flow_run(flow_run.id) if r.info.status != "FINISHED"] if flow_run.id else []
+    if earlier:  # this flow run again (`prefect flow-run retry` after a cancel or a crash): continue its MLflow run
+        run = mlflow.start_run(run_id=earlier[0].info.run_id)
+        mlflow.set_tags(tags)
+    else:
+        run = mlflow.start_run(run_name=flow_run.name or None, tags=tags)
     status = "FAILED"
     try:
         mlflow.log_params(flatten(request.train_config().model_dump(mode="json")))

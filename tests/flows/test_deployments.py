@@ -98,35 +98,61 @@ def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker,
     assert (Path(local) / "model.onnx").stat().st_size > 1000
 
 
-def test_cancelling_a_training_run_keeps_its_work_and_ends_cancelled_and_killed(worker, shapes_cls):
+def test_a_cancelled_training_keeps_its_work_and_a_retry_resumes_it_in_the_same_mlflow_run(worker, shapes_cls):
     """Cancel from the UI or `prefect flow-run cancel` (both set Cancelling): the worker's SIGTERM interrupts the
     trainer, which checkpoints the work up to its last complete step; the run ends Cancelled and its MLflow run
-    KILLED, naming that checkpoint."""
+    KILLED, naming that checkpoint. `prefect flow-run retry` then resumes from it, in the same MLflow run."""
+    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
     from prefect.states import Cancelling
 
     from infra.settings import Settings
     from trainers.checkpoints import CheckpointStore
 
-    parameters = {"dataset": str(shapes_cls), "epochs": 500, "image_size": 32, "batch_size": 4}
+    epochs = 60
+    parameters = {"dataset": str(shapes_cls), "epochs": epochs, "image_size": 32, "batch_size": 4}
     run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
     store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
     deadline = time.monotonic() + 180
     while not store.entries() and time.monotonic() < deadline:  # training has started and saved once
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert store.entries(), "training never wrote its first checkpoint"
     with get_client(sync_client=True) as client:
         cancelled_at = time.time()
         client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
-        while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline + 120:
-            time.sleep(0.5)
-    assert state.is_cancelled(), state
-    newest = store.entries()[-1]
-    assert newest.written_at >= cancelled_at  # written on the way out, not an earlier periodic one
-    assert store.verified(newest) and newest.epoch < 500
+        state = _wait_final(client, run.id)
+        assert state.is_cancelled(), state
+        newest = store.entries()[-1]
+        assert newest.written_at >= cancelled_at  # written on the way out, not an earlier periodic one
+        assert store.verified(newest) and newest.epoch < epochs
+        [mlflow_run] = _mlflow_runs(run.id)
+        assert mlflow_run.info.status == "KILLED"
+        assert mlflow_run.data.tags["checkpoint.last"].endswith(newest.file)
 
-    [mlflow_run] = mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'", output_format="list"
+        prefect = str(Path(os.sys.executable).parent / "prefect")
+        subprocess.run([prefect, "flow-run", "retry", str(run.id)], check=True, capture_output=True, timeout=120)
+        state = _wait_final(client, run.id, after=state.timestamp)
+        assert state.is_completed(), state
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
+    assert any(f"resuming from {store.directory}" in log.message for log in logs)
+    [mlflow_run] = _mlflow_runs(run.id)  # still one run: the retry continued it
+    assert mlflow_run.info.status == "FINISHED"
+    history = MlflowClient().get_metric_history(mlflow_run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch once: no gap, no repeat
+
+
+def _wait_final(client, flow_run_id, after=None, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.read_flow_run(flow_run_id).state
+        if state.is_final() and (after is None or state.timestamp > after):
+            return state
+        time.sleep(0.5)
+    raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout} s")
+
+
+def _mlflow_runs(flow_run_id) -> list:
+    return mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", output_format="list"
     )
-    assert mlflow_run.info.status == "KILLED"
-    assert mlflow_run.data.tags["checkpoint.last"].endswith(newest.file)
