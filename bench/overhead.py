@@ -7,7 +7,7 @@ Flow   = the train flow on the running stack (`make up`): the same work plus Pre
 Training time on a shared 2-core machine varies by +-15 % run to run, so the two paths alternate --repeats times
 and the medians are compared.
 
-    python bench/overhead.py [--epochs 20] [--repeats 3]
+    python bench/overhead.py [--epochs 30] [--repeats 3]
 Last line: overhead_ratio=<flow/direct>
 """
 
@@ -54,7 +54,7 @@ def through_flow(params: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=20, help="20 epochs: about 30 s of training here")
+    parser.add_argument("--epochs", type=int, default=30, help="30 epochs: about 30 s of training here")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     settings = Settings.from_env()
