@@ -39,8 +39,7 @@ class PrefectProgress(Callback):
 
     def on_checkpoint(self, epoch: int, path: Path) -> None:
         self.logger.info("checkpoint after epoch %d: %s", epoch, path)
-        # What a cancelled or crashed run leaves to resume from. Asynchronous: the pipeline's run flushes it at its end.
-        mlflow.set_tag("checkpoint.last", str(path), synchronous=False)
+        mlflow.set_tag("checkpoint.last", str(path))  # what a cancelled or crashed run leaves to resume from
 
 
 def make_job(request, dataset: DatasetSpec, device: str, output_dir: Path, callbacks=()) -> TrainJob:
