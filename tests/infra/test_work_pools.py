@@ -76,9 +76,12 @@ def test_a_gpu_host_gets_one_single_run_worker_per_gpu(capsys):
 
 
 def test_gpu_workers_start_with_the_hosts_warm_start_and_stop(client, unique, stack):
+    from prefect.client.schemas.actions import WorkPoolCreate
+
     from infra import stack as local_stack
     from infra.work_pools import main
 
+    client.create_work_pool(WorkPoolCreate(name=unique, type="process"))  # as `python -m infra.apply` would
     assert main(["workers", "--pool", unique, "--gpus", "0", "--start"]) == 0
     [service] = gpu_workers(unique, [0])
     try:
