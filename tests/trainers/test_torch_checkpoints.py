@@ -85,6 +85,23 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_one_before(dataset, 
     assert_same_training(tmp_path, uninterrupted)
 
 
+def test_killed_during_export_leaves_no_partial_model_and_the_rerun_exports_without_retraining(
+    dataset, uninterrupted, tmp_path
+):
+    import onnxruntime
+
+    killed = train(dataset, tmp_path, KILL_IN_EXPORT="1")
+    assert killed.returncode == -9
+    assert not (tmp_path / "model.onnx").exists()  # the half-written file is the temporary one
+    checkpoints = CheckpointStore(tmp_path).entries()
+    rerun = train(dataset, tmp_path, EXPORT="1")
+    assert rerun.returncode == 0, rerun.stderr
+    assert CheckpointStore(tmp_path).entries() == checkpoints  # training was complete: nothing retrained
+    assert_same_training(tmp_path, uninterrupted)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    assert session.run(None, {"images": torch.zeros(1, 3, 32, 32).numpy()})[0].shape == (1, 3)
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_with_a_warning(dataset, uninterrupted, tmp_path):
     assert train(dataset, tmp_path, KILL_AT_STEP="12", EVERY_SECONDS=EVERY_STEP).returncode == -9
     newest = CheckpointStore(tmp_path).entries()[-1]

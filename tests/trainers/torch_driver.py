@@ -1,7 +1,8 @@
 """Runs the torch trainer in its own process, for tests that kill it: `python tests/trainers/torch_driver.py`.
 
 Environment: DATASET, OUT, EPOCHS, EVERY_SECONDS (optional), KILL_AT_STEP (kill -9 before that training step of
-this process), KILL_IN_SAVE (kill -9 half-way through that checkpoint write), MLFLOW_RUN_ID (log into that run).
+this process), KILL_IN_SAVE (kill -9 half-way through that checkpoint write), EXPORT (export model.onnx after
+training), KILL_IN_EXPORT (kill -9 half-way through writing it), MLFLOW_RUN_ID (log into that run).
 The model is the trainer's tiny CNN, built through the user-model hook (`model: "torch_driver:model"`).
 """
 
@@ -23,6 +24,7 @@ from trainers.torch_classifier import TorchClassifierTrainer, tiny_cnn
 
 KILL_AT_STEP = int(os.environ.get("KILL_AT_STEP", "0"))
 KILL_IN_SAVE = int(os.environ.get("KILL_IN_SAVE", "0"))
+KILL_IN_EXPORT = os.environ.get("KILL_IN_EXPORT") == "1"
 
 
 def _die() -> None:
@@ -59,6 +61,18 @@ def _save(obj, handle, *args, **kwargs):
 
 
 torch.save = _save
+_real_export = torch.onnx.export
+
+
+def _export(model, args, f, *rest, **kwargs):
+    if KILL_IN_EXPORT:  # half an ONNX file where the exporter writes, then the process is gone
+        with open(f, "wb") as handle:
+            handle.write(b"\x08\x07" + b"\0" * 4096)
+        _die()
+    return _real_export(model, args, f, *rest, **kwargs)
+
+
+torch.onnx.export = _export
 
 
 def main() -> None:
@@ -80,7 +94,10 @@ def main() -> None:
         import mlflow
 
         mlflow.start_run(run_id=run_id)
-    result = TorchClassifierTrainer().train(job)
+    trainer = TorchClassifierTrainer()
+    result = trainer.train(job)
+    if os.environ.get("EXPORT") or KILL_IN_EXPORT:
+        trainer.export_onnx(job, result.best_checkpoint, job.output_dir / "model.onnx", 17)
     print(json.dumps({"epochs_completed": result.epochs_completed}))
     sys.stdout.flush()
 
