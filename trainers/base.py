@@ -6,7 +6,6 @@ Trainers import no Prefect: they run the same from a flow, a script or a noteboo
 from __future__ import annotations
 
 import abc
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +25,6 @@ class Callback:
     def on_checkpoint(self, epoch: int, path: Path) -> None: ...
 
 
-class TrainingStopped(Exception):
-    """The trainer saw `job.stop`, wrote a checkpoint at a step boundary and stopped (cancel, pause)."""
-
-    def __init__(self, checkpoint: Path) -> None:
-        super().__init__(f"training stopped on request; checkpoint {checkpoint}")
-        self.checkpoint = checkpoint
-
-
 @dataclass
 class TrainJob:
     config: TrainConfig
@@ -41,9 +32,6 @@ class TrainJob:
     output_dir: Path  # checkpoints and trainer files go here; derived from the request so retries find it
     device: str = "cpu"  # "cpu" or "cuda:N"
     callbacks: list[Callback] = field(default_factory=list)
-    # Set from anywhere (a signal handler, another thread): a trainer with `stops_gracefully` checkpoints at the
-    # next step boundary and raises TrainingStopped.
-    stop: threading.Event = field(default_factory=threading.Event)
 
     def emit_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         for callback in self.callbacks:
@@ -70,8 +58,6 @@ class TrainResult:
 
 class Trainer(abc.ABC):
     """One training library behind one small interface."""
-
-    stops_gracefully = False  # honours `job.stop` with a checkpoint at the next step boundary
 
     @abc.abstractmethod
     def train(self, job: TrainJob) -> TrainResult:

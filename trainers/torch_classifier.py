@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
-from trainers.base import Trainer, TrainingStopped, TrainJob, TrainResult
+from trainers.base import Trainer, TrainJob, TrainResult
 from trainers.checkpoints import CheckpointError, CheckpointStore
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
@@ -105,8 +105,6 @@ class Progress:
 
 
 class TorchClassifierTrainer(Trainer):
-    stops_gracefully = True
-
     def train(self, job: TrainJob) -> TrainResult:
         config, device = job.config, torch.device(job.device)
         seed_everything(config.seed, config.deterministic)
@@ -147,9 +145,6 @@ class TorchClassifierTrainer(Trainer):
             for epoch in range(progress.epoch + 1, config.epochs + 1):
                 model.train()
                 for images, targets in _epoch_loader(train_data, config, epoch, skip=progress.batch):
-                    if job.stop.is_set():  # pause or checkpoint-and-stop: keep the work up to this step
-                        checkpoint()
-                        raise TrainingStopped(job.output_dir / "last.pt")
                     images, targets = images.to(device), targets.to(device)
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_fn(model(images), targets)
