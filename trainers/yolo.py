@@ -31,6 +31,7 @@ import yaml
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
 from trainers.base import Trainer, TrainJob, TrainResult
+from trainers.checkpoints import write_atomic
 
 log = logging.getLogger("trainers.yolo")
 
@@ -400,9 +401,7 @@ def _set_checkpoint_epochs(path: Path, ckpt: dict[str, Any], epochs: int, *, for
     if not force and ckpt["train_args"].get("epochs") == epochs:
         return
     ckpt["train_args"] = {**ckpt["train_args"], "epochs": epochs}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda handle: torch.save(ckpt, handle))
 
 
 class _Progress:
