@@ -87,23 +87,29 @@ def test_seed_inserts_what_is_missing_and_never_overwrites_edits(store: Store):
     assert store.profile("local").max_concurrent == 5
 
 
-def test_seed_rejects_unknown_fields_and_wrong_types_naming_them(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("profiles:\n  box:\n    work_pool: box\n    gpus: 2\n", "profile 'box': unknown field.*'gpus'"),
+        (
+            "profiles:\n  box:\n    work_pool: box\n    gpu_count: two\n",
+            "profile 'box': field 'gpu_count' must be an integer, got 'two'",
+        ),
+        ("profiles:\n  box:\n    work_pool: box\n    enabled: 'yes please'\n", "profile 'box': field 'enabled'"),
+        ("profiles:\n  box:\n    kind: process\n", "profile 'box': field 'work_pool' is required"),
+        ("- not a mapping\n", "'profiles:' mapping"),
+    ],
+    ids=["unknown-field", "wrong-type", "not-a-boolean", "missing-pool", "not-a-mapping"],
+)
+def test_seed_rejects_unknown_fields_and_wrong_types_naming_them(tmp_path: Path, text: str, message: str):
     seed = tmp_path / "profiles.yaml"
-    seed.write_text("profiles:\n  box:\n    work_pool: box\n    gpus: 2\n")
-    with pytest.raises(ProfileError, match="profile 'box': unknown field.*'gpus'"):
+    seed.write_text(text)
+    with pytest.raises(ProfileError, match=message):
         load_seed(seed)
-    seed.write_text("profiles:\n  box:\n    work_pool: box\n    gpu_count: two\n")
-    with pytest.raises(ProfileError, match="profile 'box': field 'gpu_count' must be an integer, got 'two'"):
-        load_seed(seed)
-    seed.write_text("profiles:\n  box:\n    work_pool: box\n    enabled: 'yes please'\n")
-    with pytest.raises(ProfileError, match="profile 'box': field 'enabled'"):
-        load_seed(seed)
-    seed.write_text("profiles:\n  box:\n    kind: process\n")
-    with pytest.raises(ProfileError, match="profile 'box': field 'work_pool' is required"):
-        load_seed(seed)
-    seed.write_text("- not a mapping\n")
-    with pytest.raises(ProfileError, match="'profiles:' mapping"):
-        load_seed(seed)
+
+
+def test_a_seeded_profile_defaults_its_deployment_to_train_step_of_its_name(tmp_path: Path):
+    seed = tmp_path / "profiles.yaml"
     seed.write_text("profiles:\n  box:\n    work_pool: box\n")
     assert load_seed(seed)[0].deployment == "train-step/box"
 
