@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from flows.request import TrainRequest, request_parameters
 from infra.settings import Settings
 from tasks.compute import select_compute
+from tasks.control import paused_training_suspends_the_run
 from tasks.dataset import prepare_dataset, publish_dataset_stats
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
@@ -50,7 +51,8 @@ def train(**parameters) -> TrainSummary:
     ranking = select_compute(request, dataset.version)
     output_dir = Settings.from_env().runs_dir / str(flow_run.id or "local")  # shared by every attempt
 
-    with pipeline_run(request, dataset, ranking) as run_id:
+    # A pause (Prefect UI or CLI) checkpoints and suspends the run; Resume runs this flow again, which resumes.
+    with paused_training_suspends_the_run(), pipeline_run(request, dataset, ranking) as run_id:
         result = train_on_compute(request, dataset, ranking, output_dir, run_id)
         metrics = evaluate_model(request, dataset, output_dir, result, run_id)
         exported = export_model(request, dataset, output_dir, result, run_id)

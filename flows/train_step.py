@@ -11,24 +11,35 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
+from prefect.states import Cancelled
 
 from flows.request import TrainRequest
 from infra.compute import local_device
+from tasks.control import PAUSED
 from tasks.tracking import attached_run
 from tasks.training import train_model
-from trainers.base import TrainResult
+from trainers.base import TrainingPaused, TrainResult
 from trainers.data.spec import DatasetSpec
 
 RESULT_FILE = "train-result.json"
 
 
 @flow(name="train-step")
-def train_step(request: dict, dataset: dict, output_dir: str, mlflow_run_id: str) -> dict:
-    """Train one model for a train flow run: the stage that may run on another machine."""
+def train_step(
+    request: dict, dataset: dict, output_dir: str, mlflow_run_id: str, request_run_id: str | None = None
+) -> dict:
+    """Train one model for a train flow run (`request_run_id`): the stage that may run on another machine.
+
+    When that run is paused, training checkpoints and this run ends Cancelled with a "paused" message (a subflow
+    cannot be suspended itself); the train flow's next attempt resumes from the checkpoint."""
     train_request = TrainRequest(**request)
     spec = DatasetSpec.from_json(json.dumps(dataset))
-    with attached_run(mlflow_run_id):
-        result = train_model(train_request, spec, local_device(train_request.device), Path(output_dir), mlflow_run_id)
+    device = local_device(train_request.device)
+    try:
+        with attached_run(mlflow_run_id):
+            result = train_model(train_request, spec, device, Path(output_dir), mlflow_run_id, request_run_id)
+    except TrainingPaused as paused:
+        return Cancelled(message=f"{PAUSED}{paused}")
     payload = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
     (Path(output_dir) / RESULT_FILE).write_text(json.dumps(payload))
     return payload

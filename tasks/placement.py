@@ -7,6 +7,7 @@ Each attempt ends one way, and each is recorded in the attempts ledger, a table 
 - crashed: the infrastructure failed (container engine missing, pod failed, worker lost) -> next profile, which
   resumes from the last checkpoint in the shared checkpoint directory
 - failed: the training code raised -> stop: another machine would fail the same way (unless fallback_on_failure)
+- paused: the user paused the train flow run; training checkpointed -> the run is suspended until resumed
 - completed
 Attempts run one after another, never two at once.
 """
@@ -28,7 +29,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalC
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, Pause
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
@@ -38,9 +39,10 @@ from infra.pools import observe
 from infra.selection import Ranking
 from infra.store import Attempt, ComputeProfile, Store
 from tasks.compute import NoComputeNow, current_work_pool, runs_here
+from tasks.control import PAUSED
 from tasks.tracking import ensure_active
 from tasks.training import train_model
-from trainers.base import TrainResult
+from trainers.base import TrainingPaused, TrainResult
 from trainers.data.spec import DatasetSpec
 
 POLL_S = 0.5
@@ -131,7 +133,7 @@ class Placement:
 
     def _end(self, attempt: Attempt, profile: ComputeProfile, outcome: str, reason: str) -> None:
         hours = (datetime.now(UTC) - attempt.started_at.replace(tzinfo=UTC)).total_seconds() / 3600
-        ran = outcome in {"completed", "failed", "crashed", "cancelled"}  # waiting in line or refused costs nothing
+        ran = outcome in {"completed", "failed", "crashed", "cancelled", "paused"}  # waiting in line or refused costs nothing
         cost = round(profile.price_per_hour * hours, 6) if ran else 0.0
         self.store.finish_attempt(attempt.id, outcome, reason, actual_cost_usd=cost)
         attempt.outcome, attempt.reason, attempt.actual_cost_usd = outcome, reason, cost
@@ -236,6 +238,9 @@ class Placement:
             result = train_model(
                 self.request, self.dataset, local_device(self.request.device), self.output_dir, self.run_id
             )
+        except (TrainingPaused, Pause) as paused:  # Pause: Prefect's own signal, when it noticed the pause first
+            self._end(attempt, profile, "paused", str(paused))
+            raise
         except BaseException as error:
             self._end(attempt, profile, "failed", f"{type(error).__name__}: {error}"[:500])
             raise
@@ -257,10 +262,12 @@ class Placement:
                 "dataset": json.loads(self.dataset.to_json()),
                 "output_dir": str(self.output_dir),
                 "mlflow_run_id": self.run_id,
+                "request_run_id": self.request_id,
             },
             timeout=0,
             as_subflow=True,
-            idempotency_key=f"{self.request_id}:{len(self.attempts) + 1}",
+            # Unique per attempt of this run of the flow run: a resumed or retried flow run submits afresh.
+            idempotency_key=f"{self.request_id}:{flow_run.run_count}:{len(self.attempts) + 1}",
             tags=["trainyard", f"profile:{profile.name}"],
         )
         attempt = self._begin(profile, "submitted", f"flow run {child.name}", child.id)
@@ -268,6 +275,8 @@ class Placement:
         self._end(attempt, profile, outcome, reason)
         if outcome == "completed":
             return read_result(self.output_dir)
+        if outcome == "paused":
+            raise TrainingPaused(reason.removeprefix(PAUSED))
         if outcome == "failed" and not self.request.compute.fallback_on_failure:
             raise TrainingFailed(f"training failed on {profile.name} (not retried elsewhere): {reason}")
         if outcome == "cancelled":
@@ -300,7 +309,7 @@ def _outcome(state) -> str:
     if state.is_crashed():
         return "crashed"
     if state.is_cancelled():
-        return "cancelled"
+        return "paused" if (state.message or "").startswith(PAUSED) else "cancelled"
     return "failed"
 
 

@@ -39,7 +39,7 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 @contextlib.contextmanager
 def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
     """Start the run (or continue this flow run's unfinished one), yield its id; end it FINISHED, or FAILED
-    (KILLED on cancel) when the stage raises."""
+    (KILLED on cancel, SCHEDULED on pause) when the stage raises."""
     mlflow.set_experiment(request.experiment)
     ui = flow_run.ui_url
     tags = {
@@ -68,12 +68,20 @@ def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
         yield run.info.run_id
         status = "FINISHED"
     except BaseException as error:
-        # Prefect delivers cancellation as a BaseException subclass; record it as a kill, not a failure.
-        status = "KILLED" if type(error).__name__ in {"TerminationSignal", "CancelledError"} else "FAILED"
+        status = _status_after(error)
         raise
     finally:
         mlflow.flush_async_logging()
         mlflow.end_run(status=status)
+
+
+def _status_after(error: BaseException) -> str:
+    """The MLflow status of a pipeline that stopped with `error`. Prefect delivers cancellation as a BaseException
+    subclass: a kill, not a failure. A pause leaves the run SCHEDULED: the resumed flow run continues it."""
+    name = type(error).__name__
+    if name in {"TrainingPaused", "Pause"}:
+        return "SCHEDULED"
+    return "KILLED" if name in {"TerminationSignal", "CancelledError"} else "FAILED"
 
 
 @contextlib.contextmanager

@@ -8,9 +8,11 @@ from pathlib import Path
 import mlflow
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.runtime import flow_run
 
+from tasks.control import ControlWatch
 from tasks.tracking import ensure_active
-from trainers.base import Callback, TrainJob, TrainResult
+from trainers.base import Callback, TrainControl, TrainJob, TrainResult
 from trainers.data.spec import DatasetSpec
 from trainers.registry import get_trainer
 
@@ -42,16 +44,22 @@ class PrefectProgress(Callback):
         mlflow.set_tag("checkpoint.last", str(path))  # what a cancelled or crashed run leaves to resume from
 
 
-def make_job(request, dataset: DatasetSpec, device: str, output_dir: Path, callbacks=()) -> TrainJob:
-    return TrainJob(request.train_config(), dataset, output_dir, device, list(callbacks))
+def make_job(request, dataset: DatasetSpec, device: str, output_dir: Path, callbacks=(), control=None) -> TrainJob:
+    return TrainJob(request.train_config(), dataset, output_dir, device, list(callbacks), control or TrainControl())
 
 
 @task
-def train_model(request, dataset: DatasetSpec, device: str, output_dir: Path, run_id: str) -> TrainResult:
+def train_model(
+    request, dataset: DatasetSpec, device: str, output_dir: Path, run_id: str, request_run_id: str | None = None
+) -> TrainResult:
+    """Train in this process. A pause or "checkpoint now" asked of the train flow run (`request_run_id`, or this
+    flow run) reaches the trainer through a ControlWatch."""
     ensure_active(run_id)
     # Prefect forwards the trainers' logger (PREFECT_LOGGING_EXTRA_LOGGERS) but leaves its level at the root's
     # WARNING, which would drop the per-epoch INFO lines.
     logging.getLogger("trainers").setLevel(logging.INFO)
     mlflow.set_tag("device", device)
-    job = make_job(request, dataset, device, output_dir, [PrefectProgress()])
-    return get_trainer(request.trainer).train(job)
+    control = TrainControl()
+    with ControlWatch(request_run_id or flow_run.id, control) as watch:
+        job = make_job(request, dataset, device, output_dir, [PrefectProgress(), watch], control)
+        return get_trainer(request.trainer).train(job)

@@ -6,6 +6,7 @@ Trainers import no Prefect: they run the same from a flow, a script or a noteboo
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,40 @@ class Callback:
     def on_checkpoint(self, epoch: int, path: Path) -> None: ...
 
 
+class TrainingPaused(Exception):
+    """Training stopped on request after writing a checkpoint; training the same job again resumes from it."""
+
+
+class TrainControl:
+    """Requests from outside the training loop, read by the trainer at its step (or epoch) boundaries.
+
+    Thread-safe: a watcher thread sets them while the training loop runs.
+    """
+
+    def __init__(self) -> None:
+        self._pause = threading.Event()
+        self._checkpoint = threading.Event()
+
+    def request_pause(self) -> None:
+        """Checkpoint at the next boundary, then stop with TrainingPaused."""
+        self._pause.set()
+
+    def request_checkpoint(self) -> None:
+        """Checkpoint at the next boundary and go on training."""
+        self._checkpoint.set()
+
+    @property
+    def pause_requested(self) -> bool:
+        return self._pause.is_set()
+
+    def take_checkpoint_request(self) -> bool:
+        """True once per request (several requests before the next boundary make one checkpoint)."""
+        if self._checkpoint.is_set():
+            self._checkpoint.clear()
+            return True
+        return False
+
+
 @dataclass
 class TrainJob:
     config: TrainConfig
@@ -32,6 +67,7 @@ class TrainJob:
     output_dir: Path  # checkpoints and trainer files go here; derived from the request so retries find it
     device: str = "cpu"  # "cpu" or "cuda:N"
     callbacks: list[Callback] = field(default_factory=list)
+    control: TrainControl = field(default_factory=TrainControl)
 
     def emit_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         for callback in self.callbacks:

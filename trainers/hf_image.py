@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import trainers.offline  # noqa: F401  (before Transformers: offline, no telemetry)
 from trainers.base import Trainer as BaseTrainer
-from trainers.base import TrainJob, TrainResult
+from trainers.base import TrainingPaused, TrainJob, TrainResult
 from trainers.export import export_image_classifier
 
 if TYPE_CHECKING:
@@ -217,9 +217,17 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int) -> Any:
                 self.train_loss = None
             job.emit_epoch(self._epoch(state), out)
 
+        def on_step_end(self, args, state, control, **kwargs):
+            # A pause or a "checkpoint now": Transformers saves a full checkpoint at this step. Mid-epoch is fine:
+            # its resume skips the batches of the epoch that were already trained.
+            if job.control.pause_requested or job.control.take_checkpoint_request():
+                control.should_save = True
+            if job.control.pause_requested:
+                control.should_training_stop = True
+
         def on_save(self, args, state, control, **kwargs):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            job.emit_checkpoint(self._epoch(state), path)
+            job.emit_checkpoint(state.global_step // steps_per_epoch, path)  # epochs completed
 
         def on_train_end(self, args, state, control, **kwargs):
             self.training = False
@@ -430,6 +438,9 @@ class HFImageTrainer(BaseTrainer):
         if resume is not None:
             log.info("resuming from %s", resume)
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        if job.control.pause_requested and trainer.state.global_step < trainer.state.max_steps:
+            step = trainer.state.global_step
+            raise TrainingPaused(f"paused in epoch {step // steps_per_epoch + 1}, at step {step} (checkpoint-{step})")
 
         state = trainer.state
         last = _last_complete_checkpoint(output_dir)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
-from trainers.base import Trainer, TrainJob, TrainResult
+from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
 from trainers.checkpoints import CheckpointError, CheckpointStore
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
@@ -156,7 +156,12 @@ class TorchClassifierTrainer(Trainer):
                     progress.loss_sum += loss.item() * len(targets)
                     progress.seen += len(targets)
                     consistent = True
-                    if time_is_up() and progress.batch < steps_per_epoch:
+                    if job.control.pause_requested:
+                        checkpoint()
+                        raise TrainingPaused(f"paused in epoch {epoch}, after batch {progress.batch}")
+                    if job.control.take_checkpoint_request():
+                        checkpoint()  # asked for ("checkpoint now")
+                    elif time_is_up() and progress.batch < steps_per_epoch:
                         checkpoint()  # mid-epoch: the time-based policy
                 metrics = {
                     "train_loss": progress.loss_sum / max(progress.seen, 1),

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
-from trainers.base import Trainer, TrainJob, TrainResult
+from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
 from trainers.checkpoints import write_atomic
 
 log = logging.getLogger("trainers.yolo")
@@ -92,6 +92,8 @@ class YoloTrainer(Trainer):
 
         with _mlflow_inside_active_run():
             model.train(**args)
+        if job.control.pause_requested and progress.last_epoch < job.config.epochs:
+            raise TrainingPaused(f"paused after epoch {progress.last_epoch} (weights/epoch{progress.last_epoch}.pt)")
 
         if not progress.epochs_seen:
             raise RuntimeError(f"Ultralytics trained no epoch in {output_dir}; see its log above")
@@ -412,6 +414,7 @@ class _Progress:
         self.every = job.config.checkpoint.every_n_epochs
         self.train_epoch: int | None = None  # 0-based index of the epoch that just trained
         self.pending: tuple[int, Path] | None = None
+        self.requested = False  # a "checkpoint now" arrived during this epoch
         self.epochs_seen: list[int] = []
         self.last_epoch = 0
         self.best_metrics: dict[str, float] | None = None
@@ -430,10 +433,15 @@ class _Progress:
 
     def on_train_epoch_end(self, trainer) -> None:
         self.train_epoch = trainer.epoch
+        # Ultralytics resumes from epoch boundaries only: a pause or a "checkpoint now" takes effect when this
+        # epoch is saved. Stopping makes Ultralytics validate and save the epoch, then leave its loop.
+        if self.job.control.pause_requested:
+            trainer.stop = True
+        self.requested = self.job.control.take_checkpoint_request()
 
     def on_model_save(self, trainer) -> None:
         epoch = trainer.epoch + 1
-        if epoch % self.every == 0 or trainer.stop or epoch >= trainer.epochs:
+        if epoch % self.every == 0 or trainer.stop or epoch >= trainer.epochs or self.requested:
             # last.pt is rewritten every epoch and stripped at the end: keep a full-state (resumable) copy.
             path = Path(trainer.wdir) / f"epoch{epoch}.pt"
             shutil.copyfile(trainer.last, path)

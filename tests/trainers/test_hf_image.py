@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import trainers.offline  # noqa: F401
-from trainers.base import Callback, TrainJob, TrainResult
+from trainers.base import Callback, TrainingPaused, TrainJob, TrainResult
 from trainers.config import TrainConfig
 from trainers.data.spec import DatasetSpec
 from trainers.data.synthetic import make_shapes_classification
@@ -367,3 +367,57 @@ def test_tiny_models_build_step_and_export(name: str, shapes: DatasetSpec, tmp_p
         rtol=1e-3,
     )
     print(f"{name} ONNX parity max |diff| = {report.max_abs_diff:.3g}")
+
+
+class PauseAfterEpoch(Recorder):
+    """A user's pause arriving while epoch `epoch` ends (the control is what the Prefect watcher sets)."""
+
+    def __init__(self, job: TrainJob, epoch: int) -> None:
+        super().__init__()
+        self.job, self.epoch = job, epoch
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        super().on_epoch_end(epoch, metrics)
+        if epoch == self.epoch:
+            self.job.control.request_pause()
+
+
+def test_a_pause_saves_a_checkpoint_mid_epoch_and_training_again_finishes_every_epoch_once(
+    shapes: DatasetSpec, tmp_path: Path
+):
+    job = _job(shapes, tmp_path / "out", every_n_epochs=1)
+    job.callbacks = [PauseAfterEpoch(job, 1)]
+    with pytest.raises(TrainingPaused, match=f"paused in epoch 2, at step {STEPS_PER_EPOCH + 1}"):
+        HFImageTrainer().train(job)
+    first = job.callbacks[0]
+    assert [epoch for epoch, _ in first.epochs] == [1]
+    # The step after the request, mid-epoch 2 (1 epoch completed), saved by Transformers with its full state.
+    assert first.checkpoints[-1] == (1, tmp_path / "out" / f"checkpoint-{STEPS_PER_EPOCH + 1}")
+    assert (first.checkpoints[-1][1] / "trainer_state.json").is_file()
+
+    again = _job(shapes, tmp_path / "out", every_n_epochs=1)
+    result = HFImageTrainer().train(again)
+    second: Recorder = again.callbacks[0]
+    assert second.starts == [(EPOCHS, 1)]
+    assert [epoch for epoch, _ in second.epochs] == [2, 3]  # epoch 2 finished from its saved step, not repeated
+    assert result.epochs_completed == EPOCHS
+    state = json.loads((result.last_checkpoint / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_accuracy" in e] == [
+        STEPS_PER_EPOCH * epoch for epoch in range(1, EPOCHS + 1)
+    ]
+
+
+def test_checkpoint_now_saves_at_the_next_step_and_training_goes_on(shapes: DatasetSpec, tmp_path: Path):
+    job = _job(shapes, tmp_path / "out", every_n_epochs=EPOCHS)
+
+    class AskAfterFirstEpoch(Recorder):
+        def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+            super().on_epoch_end(epoch, metrics)
+            if epoch == 1:
+                job.control.request_checkpoint()
+
+    job.callbacks = [AskAfterFirstEpoch()]
+    result = HFImageTrainer().train(job)
+    saved = [path.name for _, path in job.callbacks[0].checkpoints]
+    assert saved == [f"checkpoint-{STEPS_PER_EPOCH + 1}", f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}"]
+    assert result.epochs_completed == EPOCHS

@@ -172,3 +172,30 @@ def test_each_epochs_metrics_reach_mlflow_exactly_once_across_a_kill(stack, data
         assert [m.step for m in history] == [1, 2, 3], name
         assert [m.value for m in history] == pytest.approx([expected[e][name] for e in (1, 2, 3)], abs=1e-9)
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_pause_checkpoints_at_the_next_step_and_training_again_ends_like_an_uninterrupted_run(
+    dataset, uninterrupted, tmp_path
+):
+    paused = train(dataset, tmp_path, PAUSE_AFTER_EPOCH="1")
+    assert paused.returncode == 3, paused.stderr
+    report = json.loads(paused.stdout.splitlines()[-1])
+    assert report["paused"] == "paused in epoch 2, after batch 1"
+    progress = state(tmp_path)["progress"]
+    assert (progress["epoch"], progress["batch"]) == (1, 1)  # one step after the request, not at the epoch's end
+    resumed = train(dataset, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at epoch 1, batch 1" in resumed.stderr
+    assert_same_training(tmp_path, uninterrupted)
+
+
+def test_checkpoint_now_writes_one_at_the_next_step_and_training_goes_on(dataset, uninterrupted, tmp_path):
+    done = train(dataset, tmp_path, CHECKPOINT_AFTER_EPOCH="1")
+    assert done.returncode == 0, done.stderr
+    saved = [name for _, name in json.loads(done.stdout.splitlines()[-1])["checkpoints"]]
+    # Epoch checkpoints are ckpt-eNNNN-s(epochs * 9); the requested one is a step into epoch 2.
+    assert f"ckpt-e0001-s{STEPS_PER_EPOCH + 1:08d}.pt" in saved
+    assert saved.index(f"ckpt-e0001-s{STEPS_PER_EPOCH + 1:08d}.pt") == saved.index(
+        f"ckpt-e0001-s{STEPS_PER_EPOCH:08d}.pt"
+    ) + 1
+    assert_same_training(tmp_path, uninterrupted)  # a checkpoint changes nothing about the training

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainers.base import Callback, TrainJob, TrainResult
+from trainers.base import Callback, TrainingPaused, TrainJob, TrainResult
 from trainers.config import TrainConfig
 from trainers.data.synthetic import make_shapes_detection
 from trainers.data.validate import load_dataset
@@ -365,3 +365,28 @@ def test_resuming_on_another_dataset_is_refused(trained, tmp_path_factory, tmp_p
     job, _ = make_job(load_dataset(other_yaml), other_yaml, output_dir)
     with pytest.raises(ValueError, match="another dataset"):
         YoloTrainer().train(job)
+
+
+def test_a_pause_stops_after_the_epoch_it_arrives_in_and_training_again_continues_there(dataset, tmp_path):
+    """Ultralytics resumes from epoch boundaries: a pause takes effect when the current epoch is saved."""
+    from trainers.yolo import YoloTrainer
+
+    spec, data_yaml = dataset
+    job, recorder = make_job(spec, data_yaml, tmp_path / "job")
+
+    class PauseDuringEpoch2(Recorder):
+        def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+            if epoch == 1:
+                job.control.request_pause()  # arrives while epoch 2 trains
+
+    job.callbacks.append(PauseDuringEpoch2())
+    with pytest.raises(TrainingPaused, match="paused after epoch 2"):
+        YoloTrainer().train(job)
+    assert [epoch for epoch, _ in recorder.epochs] == [1, 2]
+    assert recorder.checkpoints[-1] == (2, tmp_path / "job" / "weights" / "epoch2.pt")
+
+    again, recorder = make_job(spec, data_yaml, tmp_path / "job")
+    result = YoloTrainer().train(again)
+    assert recorder.starts == [(EPOCHS, 2)]
+    assert [epoch for epoch, _ in recorder.epochs] == [3]
+    assert result.epochs_completed == EPOCHS

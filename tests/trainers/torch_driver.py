@@ -2,7 +2,9 @@
 
 Environment: DATASET, OUT, EPOCHS, EVERY_SECONDS (optional), KILL_AT_STEP (kill -9 before that training step of
 this process), KILL_IN_SAVE (kill -9 half-way through that checkpoint write), EXPORT (export model.onnx after
-training), KILL_IN_EXPORT (kill -9 half-way through writing it), MLFLOW_RUN_ID (log into that run).
+training), KILL_IN_EXPORT (kill -9 half-way through writing it), MLFLOW_RUN_ID (log into that run),
+PAUSE_AFTER_EPOCH / CHECKPOINT_AFTER_EPOCH (ask for a pause / a checkpoint through the job's control when that
+epoch ends; a paused run prints {"paused": ...} and exits 3).
 The model is the trainer's tiny CNN, built through the user-model hook (`model: "torch_driver:model"`).
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.base import TrainJob
+from trainers.base import Callback, TrainingPaused, TrainJob
 from trainers.config import TrainConfig
 from trainers.data.validate import load_dataset
 from trainers.torch_classifier import TorchClassifierTrainer, tiny_cnn
@@ -75,6 +77,25 @@ def _export(model, args, f, *rest, **kwargs):
 torch.onnx.export = _export
 
 
+class AskAfterEpoch(Callback):
+    """What a user's pause or "checkpoint now" does, arriving while the given epoch ends."""
+
+    def __init__(self, job: TrainJob) -> None:
+        self.job = job
+        self.pause = int(os.environ.get("PAUSE_AFTER_EPOCH", "0"))
+        self.checkpoint = int(os.environ.get("CHECKPOINT_AFTER_EPOCH", "0"))
+        self.saved: list[tuple[int, str]] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == self.pause:
+            self.job.control.request_pause()
+        if epoch == self.checkpoint:
+            self.job.control.request_checkpoint()
+
+    def on_checkpoint(self, epoch: int, path: Path) -> None:
+        self.saved.append((epoch, path.name))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     every = os.environ.get("EVERY_SECONDS")
@@ -94,11 +115,17 @@ def main() -> None:
         import mlflow
 
         mlflow.start_run(run_id=run_id)
+    asks = AskAfterEpoch(job)
+    job.callbacks.append(asks)
     trainer = TorchClassifierTrainer()
-    result = trainer.train(job)
+    try:
+        result = trainer.train(job)
+    except TrainingPaused as paused:
+        print(json.dumps({"paused": str(paused), "checkpoints": asks.saved}))
+        sys.exit(3)
     if os.environ.get("EXPORT") or KILL_IN_EXPORT:
         trainer.export_onnx(job, result.best_checkpoint, job.output_dir / "model.onnx", 17)
-    print(json.dumps({"epochs_completed": result.epochs_completed}))
+    print(json.dumps({"epochs_completed": result.epochs_completed, "checkpoints": asks.saved}))
     sys.stdout.flush()
 
 
