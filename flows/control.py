@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.flow_runs import resume_flow_run, suspend_flow_run
 
 from tasks.control import CHECKPOINT_KEY
@@ -77,7 +77,9 @@ def checkpoint(flow_run_id: UUID, wait_s: float) -> str:
             time.sleep(1.0)
             try:
                 client.read_flow_run_input(flow_run_id, key)
-            except ObjectNotFound:
+            except PrefectHTTPStatusError as gone:
+                if gone.response.status_code != 404:
+                    raise
                 return f"checkpoint written: flow run {flow_run_id} (see its logs and the MLflow tag checkpoint.last)"
     if wait_s:
         raise ControlError(

@@ -142,6 +142,90 @@ def test_a_cancelled_training_keeps_its_work_and_a_retry_resumes_it_in_the_same_
     assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch once: no gap, no repeat
 
 
+def test_checkpoint_now_then_pause_frees_the_process_and_resume_finishes_in_the_same_mlflow_run(worker, shapes_cls):
+    """`python -m flows.control checkpoint` writes a checkpoint and training goes on; `pause` (what the Prefect UI's
+    Pause does) checkpoints, ends the run's process and leaves the run Suspended and its MLflow run SCHEDULED;
+    `resume` reschedules it and training continues from the checkpoint to the end, every epoch logged once."""
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    from infra.settings import Settings
+    from trainers.checkpoints import CheckpointStore
+
+    epochs = 60
+    parameters = {"dataset": str(shapes_cls), "epochs": epochs, "image_size": 32, "batch_size": 4}
+    run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
+    store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
+    deadline = time.monotonic() + 180
+    while not store.entries() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.entries(), "training never wrote its first checkpoint"
+
+    asked = time.time()
+    done = _control("checkpoint", run.id, "--wait", "60")
+    assert done.returncode == 0 and "checkpoint written" in done.stdout, done.stderr
+    assert any(entry.written_at >= asked for entry in store.entries())
+
+    with get_client(sync_client=True) as client:
+        asked = time.time()
+        paused = _control("pause", run.id)
+        assert paused.returncode == 0, paused.stderr
+        pid = int(re.search(rf"flow run {run.id} forked as pid (\d+)", _warm_log(worker)).group(1))
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), "the paused run's process is still running"
+        state = client.read_flow_run(run.id).state
+        assert state.is_paused() and state.name == "Suspended", state
+        newest = store.entries()[-1]
+        assert newest.written_at >= asked and newest.written_at - asked < 30  # checkpointed on the way out
+        assert newest.epoch < epochs
+        [mlflow_run] = _mlflow_runs(run.id)
+        assert mlflow_run.info.status == "SCHEDULED"
+        assert mlflow_run.data.tags["checkpoint.last"].endswith(newest.file)
+
+        resumed = _control("resume", run.id)
+        assert resumed.returncode == 0, resumed.stderr
+        state = _wait_final(client, run.id)
+        assert state.is_completed(), state
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
+    assert any(f"resuming from {store.directory}" in log.message for log in logs)
+    [mlflow_run] = _mlflow_runs(run.id)
+    assert mlflow_run.info.status == "FINISHED"
+    history = MlflowClient().get_metric_history(mlflow_run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+
+
+def test_control_commands_refuse_a_run_that_is_not_running_with_the_reason(worker, shapes_cls):
+    run = run_deployment("train/torch-shapes", parameters={"dataset": str(shapes_cls), "epochs": 1}, timeout=300)
+    assert run.state.is_completed(), run.state.message
+    for command in ("pause", "checkpoint"):
+        refused = _control(command, run.id)
+        assert refused.returncode == 2
+        assert f"flow run {run.id} is Completed: only a running training can be asked to {command}" in refused.stderr
+    refused = _control("resume", run.id)
+    assert refused.returncode == 2 and "cannot be resumed" in refused.stderr
+
+
+def _control(*args) -> subprocess.CompletedProcess:
+    command = [os.sys.executable, "-m", "flows.control", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _warm_log(stack) -> str:
+    return (stack.home / "logs" / "warm-start.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _wait_final(client, flow_run_id, after=None, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
