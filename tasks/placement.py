@@ -133,7 +133,8 @@ class Placement:
 
     def _end(self, attempt: Attempt, profile: ComputeProfile, outcome: str, reason: str) -> None:
         hours = (datetime.now(UTC) - attempt.started_at.replace(tzinfo=UTC)).total_seconds() / 3600
-        ran = outcome in {"completed", "failed", "crashed", "cancelled", "paused"}  # waiting in line or refused costs nothing
+        # Waiting in line or being refused costs nothing.
+        ran = outcome in {"completed", "failed", "crashed", "cancelled", "paused"}
         cost = round(profile.price_per_hour * hours, 6) if ran else 0.0
         self.store.finish_attempt(attempt.id, outcome, reason, actual_cost_usd=cost)
         attempt.outcome, attempt.reason, attempt.actual_cost_usd = outcome, reason, cost

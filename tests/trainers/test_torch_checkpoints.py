@@ -195,7 +195,8 @@ def test_checkpoint_now_writes_one_at_the_next_step_and_training_goes_on(dataset
     saved = [name for _, name in json.loads(done.stdout.splitlines()[-1])["checkpoints"]]
     # Epoch checkpoints are ckpt-eNNNN-s(epochs * 9); the requested one is a step into epoch 2.
     assert f"ckpt-e0001-s{STEPS_PER_EPOCH + 1:08d}.pt" in saved
-    assert saved.index(f"ckpt-e0001-s{STEPS_PER_EPOCH + 1:08d}.pt") == saved.index(
-        f"ckpt-e0001-s{STEPS_PER_EPOCH:08d}.pt"
-    ) + 1
+    assert (
+        saved.index(f"ckpt-e0001-s{STEPS_PER_EPOCH + 1:08d}.pt")
+        == saved.index(f"ckpt-e0001-s{STEPS_PER_EPOCH:08d}.pt") + 1
+    )
     assert_same_training(tmp_path, uninterrupted)  # a checkpoint changes nothing about the training
