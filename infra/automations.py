@@ -2,7 +2,8 @@
 
 Zombie runs: a flow run whose host or worker died stays Running for ever. Flow runs started by a worker send a
 heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30, set for the worker by the stack); this automation
-marks a run Crashed when its heartbeats stop for ZOMBIE_AFTER, so fallback and cleanup can act on it.
+marks a run Crashed when its heartbeats stop for ZOMBIE_AFTER, so fallback and cleanup can act on it. A paused
+(Suspended) run has no process and sends none: it is not a zombie.
 """
 
 from __future__ import annotations
@@ -12,6 +13,17 @@ from datetime import timedelta
 HEARTBEAT_S = 30  # Prefect's minimum
 ZOMBIE_AFTER = timedelta(seconds=60)  # two missed heartbeats
 ZOMBIE_AUTOMATION = "trainyard: mark zombie flow runs Crashed"
+# After a heartbeat, any of these within ZOMBIE_AFTER means the run is alive or has ended on purpose.
+ALIVE_OR_ENDED = {
+    "prefect.flow-run.heartbeat",
+    "prefect.flow-run.Completed",
+    "prefect.flow-run.Failed",
+    "prefect.flow-run.Cancelled",
+    "prefect.flow-run.Crashed",
+    "prefect.flow-run.Suspended",  # paused by the user: the process left on purpose
+    "prefect.flow-run.Paused",
+    "trainyard.flow-run.paused",  # tasks.control.PAUSED_EVENT: sent as a paused run's process leaves
+}
 
 
 def ensure_zombie_automation() -> bool:
@@ -23,22 +35,19 @@ def ensure_zombie_automation() -> bool:
     from prefect.events.schemas.events import ResourceSpecification
 
     try:
-        Automation.read(name=ZOMBIE_AUTOMATION)
-        return False
+        existing = Automation.read(name=ZOMBIE_AUTOMATION)
     except ValueError:
-        pass
+        existing = None
+    if existing is not None:
+        if set(existing.trigger.expect) == ALIVE_OR_ENDED:
+            return False
+        existing.delete()  # created by an older Trainyard: replace it
     Automation(
         name=ZOMBIE_AUTOMATION,
         description="Flow runs whose heartbeats stopped (host or worker lost) end Crashed instead of Running.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={
-                "prefect.flow-run.heartbeat",
-                "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-            },
+            expect=ALIVE_OR_ENDED,
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,

@@ -24,6 +24,7 @@ from prefect.exceptions import Pause
 from trainers.base import Callback, TrainControl, TrainingPaused
 
 CHECKPOINT_KEY = "trainyard-checkpoint"
+PAUSED_EVENT = "trainyard.flow-run.paused"  # this run's process is leaving because the run is paused
 PAUSED = "paused: "  # how a training step that stopped for a pause starts its Cancelled message
 POLL_S = 2.0  # a pause reaches the trainer within this plus one training step
 
@@ -89,14 +90,19 @@ def paused_training_suspends_the_run() -> Iterator[None]:
     """A TrainingPaused out of the training stage ends this flow run's process the way Prefect's suspend does.
 
     Prefect's Pause signal leaves the run Suspended (the user's request) and the process exits cleanly, so the worker
-    reports no crash; Resume runs the flow again."""
+    reports no crash; Resume runs the flow again. On the way out it emits PAUSED_EVENT: a heartbeat this process sent
+    after the Suspended event would otherwise make the zombie automation crash the paused run a minute later."""
+    from prefect.events import emit_event
     from prefect.runtime import flow_run
 
     try:
         yield
-    except TrainingPaused as paused:
+    except (TrainingPaused, Pause) as stopped:
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run.id).state
         if state is None or not state.is_paused():
             raise  # paused and resumed before training stopped: report it instead of exiting silently
-        raise Pause(f"training paused: {paused}", state=state) from paused
+        emit_event(PAUSED_EVENT, resource={"prefect.resource.id": f"prefect.flow-run.{flow_run.id}"})
+        if isinstance(stopped, Pause):
+            raise
+        raise Pause(f"training paused: {stopped}", state=state) from stopped

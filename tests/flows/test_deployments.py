@@ -186,6 +186,10 @@ def test_checkpoint_now_then_pause_frees_the_process_and_resume_finishes_in_the_
         assert mlflow_run.info.status == "SCHEDULED"
         assert mlflow_run.data.tags["checkpoint.last"].endswith(newest.file)
 
+        # Past the zombie automation's window (60 s without a heartbeat): a paused run is not a lost one.
+        time.sleep(70)
+        assert client.read_flow_run(run.id).state.name == "Suspended"
+
         resumed = _control("resume", run.id)
         assert resumed.returncode == 0, resumed.stderr
         state = _wait_final(client, run.id)
