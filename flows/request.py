@@ -34,6 +34,7 @@ class ComputeOptions(StrictModel):
     gpu_memory_gb: float = Field(0, ge=0, description="Memory per GPU it needs (alone: one GPU with this much).")
     cpu_cores: int = Field(1, ge=1, description="CPU cores it needs.")
     ram_gb: float = Field(0, ge=0, description="RAM it needs.")
+    disk_gb: float = Field(0, ge=0, description="Free disk it needs where runs are written; refused below that.")
     budget_usd: float | None = Field(None, gt=0, description="Refuse to start when the cheapest estimate exceeds it.")
     default_hours: float = Field(
         0.25, gt=0, description="Expected duration at speed 1.0 when no earlier attempt of this job is known."

@@ -14,7 +14,6 @@ from prefect import flow
 from prefect.states import Cancelled
 
 from flows.request import TrainRequest
-from infra.compute import local_device
 from tasks.control import PAUSED
 from tasks.tracking import attached_run
 from tasks.training import train_model
@@ -34,10 +33,9 @@ def train_step(
     cannot be suspended itself); the train flow's next attempt resumes from the checkpoint."""
     train_request = TrainRequest(**request)
     spec = DatasetSpec.from_json(json.dumps(dataset))
-    device = local_device(train_request.device)
     try:
         with attached_run(mlflow_run_id):
-            result = train_model(train_request, spec, device, Path(output_dir), mlflow_run_id, request_run_id)
+            result = train_model(train_request, spec, Path(output_dir), mlflow_run_id, request_run_id)
     except TrainingPaused as paused:
         return Cancelled(message=f"{PAUSED}{paused}")
     payload = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}

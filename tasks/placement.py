@@ -34,7 +34,6 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.train_step import read_result
-from infra.compute import local_device
 from infra.pools import observe
 from infra.selection import Ranking
 from infra.store import Attempt, ComputeProfile, Store
@@ -236,9 +235,7 @@ class Placement:
     def _train_here(self, profile: ComputeProfile) -> TrainResult:
         attempt = self._begin(profile, "running", "in the train flow's own process")
         try:
-            result = train_model(
-                self.request, self.dataset, local_device(self.request.device), self.output_dir, self.run_id
-            )
+            result = train_model(self.request, self.dataset, self.output_dir, self.run_id)
         except (TrainingPaused, Pause) as paused:  # Pause: Prefect's own signal, when it noticed the pause first
             self._end(attempt, profile, "paused", str(paused))
             raise

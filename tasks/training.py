@@ -11,6 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from tasks.control import ControlWatch
+from tasks.resources import held_resources
 from tasks.tracking import ensure_active
 from trainers.base import Callback, TrainControl, TrainJob, TrainResult
 from trainers.data.spec import DatasetSpec
@@ -50,16 +51,18 @@ def make_job(request, dataset: DatasetSpec, device: str, output_dir: Path, callb
 
 @task
 def train_model(
-    request, dataset: DatasetSpec, device: str, output_dir: Path, run_id: str, request_run_id: str | None = None
+    request, dataset: DatasetSpec, output_dir: Path, run_id: str, request_run_id: str | None = None
 ) -> TrainResult:
-    """Train in this process. A pause or "checkpoint now" asked of the train flow run (`request_run_id`, or this
-    flow run) reaches the trainer through a ControlWatch."""
+    """Train on this host, holding the GPUs the request needs while it trains. A pause or "checkpoint now" asked
+    of the train flow run (`request_run_id`, or this flow run) reaches the trainer through a ControlWatch."""
     ensure_active(run_id)
     # Prefect forwards the trainers' logger (PREFECT_LOGGING_EXTRA_LOGGERS) but leaves its level at the root's
     # WARNING, which would drop the per-epoch INFO lines.
     logging.getLogger("trainers").setLevel(logging.INFO)
-    mlflow.set_tag("device", device)
     control = TrainControl()
-    with ControlWatch(request_run_id or flow_run.id, control) as watch:
+    with (
+        held_resources(request, output_dir, run_id) as device,
+        ControlWatch(request_run_id or flow_run.id, control) as watch,
+    ):
         job = make_job(request, dataset, device, output_dir, [PrefectProgress(), watch], control)
         return get_trainer(request.trainer).train(job)

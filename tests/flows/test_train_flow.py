@@ -20,8 +20,12 @@ FAST = {"epochs": 2, "batch_size": 8, "image_size": 32, "trainer": "torch", "mod
 
 @pytest.fixture(scope="module")
 def finished(stack, shapes_cls):
-    """One successful pipeline run, shared by the assertions below."""
-    state = train(dataset=str(shapes_cls), experiment="flow-tests", tags={"suite": "flow"}, return_state=True, **FAST)
+    """One successful pipeline run, shared by the assertions below (system metrics sampled often: it is short)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+        state = train(
+            dataset=str(shapes_cls), experiment="flow-tests", tags={"suite": "flow"}, return_state=True, **FAST
+        )
     assert state.is_completed(), state.message
     return state
 
@@ -95,3 +99,15 @@ def test_the_trainers_own_logs_appear_in_the_flow_run_logs(finished):
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [flow_run_id]}))
     assert any(log.name == "trainers.torch" and "epoch 1/2" in log.message for log in logs)
+
+
+def test_the_host_and_its_system_metrics_are_on_the_run_and_a_cpu_only_host_leases_no_gpu(finished):
+    import socket
+
+    run = mlflow.get_run(finished.result().mlflow_run_id)
+    host = socket.gethostname()
+    assert run.data.tags["host"] == host and run.data.tags["device"] == "cpu"
+    assert "gpus" not in run.data.tags  # this machine has no GPU: nothing to lease, no GPU metrics
+    system = {name for name in run.data.metrics if name.startswith(f"system/{host}/")}
+    assert {f"system/{host}/cpu_utilization_percentage", f"system/{host}/system_memory_usage_megabytes"} <= system
+    assert not any("gpu_" in name for name in system)

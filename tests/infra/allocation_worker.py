@@ -1,0 +1,39 @@
+"""One training's GPU lease in its own process, for tests where several compete (or one is killed).
+
+    python tests/infra/allocation_worker.py INVENTORY.json NEED.json HOLD_SECONDS RECORDS.jsonl
+
+INVENTORY.json is a HostInventory (the GPUs a test supplies where the machine has none). Appends one line per
+lease to RECORDS.jsonl: pid, the GPUs it got, and when it held them (time.time()). Prints "leased <uuids>" as soon
+as it holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from infra.allocation import Need, gpu_lease
+from infra.gpus import GPU, HostInventory
+
+
+def main() -> None:
+    inventory_file, need_file, hold, records = sys.argv[1:5]
+    data = json.loads(Path(inventory_file).read_text())
+    data["gpus"] = tuple(GPU(**{**gpu, "processes": tuple(gpu["processes"])}) for gpu in data["gpus"])
+    inventory = HostInventory(**data)
+    need = Need(**json.loads(Path(need_file).read_text()))
+    with gpu_lease(need, inventory) as lease:
+        start = time.time()
+        print("leased", os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+        time.sleep(float(hold))
+        end = time.time()
+    record = {"pid": os.getpid(), "gpus": [g.uuid for g in lease.gpus], "slots": list(lease.slots)}
+    with open(records, "a") as handle:
+        handle.write(json.dumps({**record, "start": start, "end": end}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
