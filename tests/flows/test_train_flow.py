@@ -20,9 +20,10 @@ FAST = {"epochs": 2, "batch_size": 8, "image_size": 32, "trainer": "torch", "mod
 
 @pytest.fixture(scope="module")
 def finished(stack, shapes_cls):
-    """One successful pipeline run, shared by the assertions below (system metrics sampled often: it is short)."""
+    """One successful pipeline run, shared by the assertions below. Its training lasts about a second, and MLflow's
+    sampler drops the sample in progress when the run ends: sample every 50 ms so that some are logged."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
         state = train(
             dataset=str(shapes_cls), experiment="flow-tests", tags={"suite": "flow"}, return_state=True, **FAST
         )
