@@ -183,14 +183,21 @@ class TorchClassifierTrainer(Trainer):
         except BaseException as interruption:
             # A signal (Prefect's cancellation, Ctrl-C) rather than an error: keep the work done so far, when it
             # did not land in the middle of an update.
-            if not isinstance(interruption, Exception) and consistent:
-                checkpoint()
-                log.warning(
-                    "interrupted (%s): checkpoint at epoch %d, batch %d",
-                    type(interruption).__name__,
-                    progress.epoch,
-                    progress.batch,
-                )
+            if not isinstance(interruption, Exception):
+                if consistent:
+                    checkpoint()
+                    log.warning(
+                        "interrupted (%s): checkpoint at epoch %d, batch %d",
+                        type(interruption).__name__,
+                        progress.epoch,
+                        progress.batch,
+                    )
+                else:  # the model and the optimizer are half-updated: saving them would save a state that never was
+                    log.warning(
+                        "interrupted (%s) in the middle of a training step: the last checkpoint stands, and the "
+                        "steps since it are trained again on resume",
+                        type(interruption).__name__,
+                    )
             raise
 
         return TrainResult(

@@ -124,7 +124,10 @@ def test_a_cancelled_training_keeps_its_work_and_a_retry_resumes_it_in_the_same_
         state = _wait_final(client, run.id)
         assert state.is_cancelled(), state
         newest = store.entries()[-1]
-        assert newest.written_at >= cancelled_at  # written on the way out, not an earlier periodic one
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
+        # Written on the way out, unless the signal landed in the middle of a step (the trainer then says so).
+        mid_step = any("in the middle of a training step" in log.message for log in logs)
+        assert newest.written_at >= cancelled_at or mid_step
         assert store.verified(newest) and newest.epoch < epochs
         [mlflow_run] = _mlflow_runs(run.id)
         assert mlflow_run.info.status == "KILLED"
