@@ -12,7 +12,6 @@ Last line: gpu_handoff_s=<median gap>
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -32,14 +31,8 @@ def supplied_inventory() -> HostInventory:
     return HostInventory(f"bench-{tag}", 8, 4, 32.0, 30.0, 100.0, (gpu,), "bench", "")
 
 
-def load(path: str) -> HostInventory:
-    data = json.loads(Path(path).read_text())
-    data["gpus"] = tuple(GPU(**{**g, "processes": tuple(g["processes"])}) for g in data["gpus"])
-    return HostInventory(**data)
-
-
 def worker(inventory_file: str, hold: float, out: str) -> None:
-    with gpu_lease(Need(gpus=1), load(inventory_file), set_visible=False):
+    with gpu_lease(Need(gpus=1), HostInventory.from_json(Path(inventory_file).read_text()), set_visible=False):
         start = time.time()
         time.sleep(hold)
         released_at = time.time()
@@ -72,7 +65,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         inventory_file, out = Path(tmp) / "inventory.json", Path(tmp) / "leases.jsonl"
-        inventory_file.write_text(json.dumps(dataclasses.asdict(inventory)))
+        inventory_file.write_text(inventory.to_json())
         command = [sys.executable, __file__, "--worker", str(inventory_file), str(args.hold), str(out)]
         procs = [subprocess.Popen(command) for _ in range(args.waiting + 1)]
         for proc in procs:

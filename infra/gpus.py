@@ -58,6 +58,16 @@ class HostInventory:
     driver: str | None
     note: str  # why there are no GPUs (or which could not be read); empty when all is well
 
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> HostInventory:
+        """An inventory written by to_json: another host's, or one supplied where this machine has no GPU."""
+        data = json.loads(text)
+        data["gpus"] = tuple(GPU(**{**gpu, "processes": tuple(gpu["processes"])}) for gpu in data["gpus"])
+        return cls(**data)
+
 
 def _text(value: str | bytes) -> str:
     # Older nvidia-ml-py returns bytes, newer returns str.
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default=".", help="where to measure free disk space (default: .)")
     args = parser.parse_args(argv)
     inventory = discover(args.path)
-    print(json.dumps(dataclasses.asdict(inventory), indent=2) if args.json else format_table(inventory))
+    print(json.dumps(json.loads(inventory.to_json()), indent=2) if args.json else format_table(inventory))
     return 0
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
+from prefect.events import emit_event
 from prefect.exceptions import Pause
+from prefect.runtime import flow_run
 
 from trainers.base import Callback, TrainControl, TrainingPaused
 
@@ -92,9 +94,6 @@ def paused_training_suspends_the_run() -> Iterator[None]:
     Prefect's Pause signal leaves the run Suspended (the user's request) and the process exits cleanly, so the worker
     reports no crash; Resume runs the flow again. On the way out it emits PAUSED_EVENT: a heartbeat this process sent
     after the Suspended event would otherwise make the zombie automation crash the paused run a minute later."""
-    from prefect.events import emit_event
-    from prefect.runtime import flow_run
-
     try:
         yield
     except (TrainingPaused, Pause) as stopped:

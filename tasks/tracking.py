@@ -9,9 +9,11 @@ from collections.abc import Iterator
 
 import mlflow
 from mlflow import MlflowClient
+from prefect.exceptions import Pause
 from prefect.runtime import flow_run
 
 from infra.settings import ROOT
+from trainers.base import TrainingPaused
 from trainers.data.spec import DatasetSpec
 
 TAG_FLOW_RUN = "prefect.flow_run_id"
@@ -78,10 +80,9 @@ def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
 def _status_after(error: BaseException) -> str:
     """The MLflow status of a pipeline that stopped with `error`. Prefect delivers cancellation as a BaseException
     subclass: a kill, not a failure. A pause leaves the run SCHEDULED: the resumed flow run continues it."""
-    name = type(error).__name__
-    if name in {"TrainingPaused", "Pause"}:
+    if isinstance(error, TrainingPaused | Pause):
         return "SCHEDULED"
-    return "KILLED" if name in {"TerminationSignal", "CancelledError"} else "FAILED"
+    return "KILLED" if type(error).__name__ in {"TerminationSignal", "CancelledError"} else "FAILED"
 
 
 @contextlib.contextmanager

@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 from infra.allocation import Need, gpu_lease
-from infra.gpus import GPU, HostInventory
+from infra.gpus import HostInventory
 
 
 def main() -> None:
     inventory_file, need_file, hold, records = sys.argv[1:5]
-    data = json.loads(Path(inventory_file).read_text())
-    data["gpus"] = tuple(GPU(**{**gpu, "processes": tuple(gpu["processes"])}) for gpu in data["gpus"])
-    inventory = HostInventory(**data)
+    inventory = HostInventory.from_json(Path(inventory_file).read_text())
     need = Need(**json.loads(Path(need_file).read_text()))
     with gpu_lease(need, inventory) as lease:
         start = time.time()

@@ -46,7 +46,7 @@ def inventory(gpus: int = 2, memory_gb: int = 8, **host) -> HostInventory:
 
 
 def compete(tmp_path: Path, host: HostInventory, need: Need, count: int, hold_s: float) -> list[dict]:
-    (tmp_path / "inventory.json").write_text(json.dumps(dataclasses.asdict(host)))
+    (tmp_path / "inventory.json").write_text(host.to_json())
     (tmp_path / "need.json").write_text(json.dumps(dataclasses.asdict(need)))
     records = tmp_path / "records.jsonl"
     args = [str(tmp_path / "inventory.json"), str(tmp_path / "need.json"), str(hold_s), str(records)]
@@ -85,7 +85,7 @@ def test_small_jobs_share_a_gpu_by_memory_and_never_exceed_it(stack, tmp_path):
 
 def test_the_lease_of_a_process_killed_with_kill_9_expires_and_the_gpu_is_allocated_again(stack, tmp_path):
     host = inventory(gpus=1)
-    (tmp_path / "inventory.json").write_text(json.dumps(dataclasses.asdict(host)))
+    (tmp_path / "inventory.json").write_text(host.to_json())
     (tmp_path / "need.json").write_text(json.dumps(dataclasses.asdict(Need(gpus=1))))
     args = [str(tmp_path / "inventory.json"), str(tmp_path / "need.json")]
     holder = subprocess.Popen(
