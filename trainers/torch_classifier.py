@@ -5,11 +5,14 @@ The fastest trainer, and the readable reference for the contract: one loop, one 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,7 +188,8 @@ class TorchClassifierTrainer(Trainer):
             # did not land in the middle of an update.
             if not isinstance(interruption, Exception):
                 if consistent:
-                    checkpoint()
+                    with _signals_held():
+                        checkpoint()
                     log.warning(
                         "interrupted (%s): checkpoint at epoch %d, batch %d",
                         type(interruption).__name__,
@@ -284,6 +288,21 @@ class TorchClassifierTrainer(Trainer):
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _signals_held():
+    """While the checkpoint on the way out is written, a repeated SIGTERM or Ctrl-C (a cancel is often delivered
+    twice: to the process and through its launcher) must not abort it; the interruption is re-raised after anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
 def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device: torch.device, split: str) -> dict[str, float]:
     model.eval()
     correct, total, loss = 0, 0, 0.0
