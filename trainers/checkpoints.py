@@ -19,6 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +30,7 @@ from typing import Any
 
 log = logging.getLogger("trainers.checkpoints")
 MANIFEST = "checkpoints.json"
+DIR_MANIFEST = "trainyard-manifest.json"  # inside a checkpoint that is a directory (Hugging Face)
 
 
 class CheckpointError(RuntimeError):
@@ -70,14 +74,18 @@ def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def copy_atomic(source: Path, target: Path) -> None:
+    """Copy a file so that `target` is either its old content or the whole new one, never a partial file."""
+    with open(source, "rb") as reader:
+        write_atomic(Path(target), lambda handle: shutil.copyfileobj(reader, handle, 1 << 20))
+
+
 def _link_atomic(target: Path, link: Path) -> None:
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
         os.link(target, tmp)
     except OSError:  # a filesystem without hard links: a copy
-        import shutil
-
         shutil.copyfile(target, tmp)
     os.replace(tmp, link)
 
@@ -164,3 +172,79 @@ class CheckpointStore:
             "scratch on its own: restore the files, or remove the directory (or use another output directory) "
             "to start over"
         )
+
+
+@contextlib.contextmanager
+def signals_held():
+    """While the checkpoint on the way out of an interruption is written, a repeated SIGTERM or Ctrl-C (a cancel is
+    often delivered twice: to the process and through its launcher) must not abort it; the caller re-raises the
+    interruption afterwards anyway. Signal handlers belong to the main thread: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
+def write_dir_manifest(directory: Path) -> Path:
+    """Record the size and SHA-256 of every file of a checkpoint directory, in DIR_MANIFEST inside it (atomically)."""
+    directory = Path(directory)
+    files = {
+        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != DIR_MANIFEST
+    }
+    manifest = directory / DIR_MANIFEST
+    write_atomic(manifest, lambda handle: handle.write(json.dumps({"files": files}, indent=1).encode()))
+    return manifest
+
+
+def dir_damage(directory: Path) -> str | None:
+    """What is wrong with a checkpoint directory against its manifest, or None when it verifies (or has none)."""
+    directory = Path(directory)
+    try:
+        files = json.loads((directory / DIR_MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return None  # written by the library alone (e.g. killed before the manifest): its own completeness rules
+    except (ValueError, KeyError) as error:
+        return f"{DIR_MANIFEST} is unreadable ({error})"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
+            return f"{name} differs from the manifest (size or SHA-256)"
+    return None
+
+
+def record_file(path: Path) -> None:
+    """Add one file's size and SHA-256 to the DIR_MANIFEST of its directory (for files a library wrote)."""
+    path = Path(path)
+    manifest = path.parent / DIR_MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (FileNotFoundError, ValueError, KeyError):
+        files = {}
+    files = {name: entry for name, entry in files.items() if (path.parent / name).exists()}  # rotated away
+    files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    write_atomic(manifest, lambda handle: handle.write(json.dumps({"files": files}, indent=1).encode()))
+
+
+def file_damage(path: Path) -> str | None:
+    """What is wrong with a file against its directory's DIR_MANIFEST, or None when it verifies (or is not in it)."""
+    path = Path(path)
+    try:
+        expected = json.loads((path.parent / DIR_MANIFEST).read_text())["files"].get(path.name)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    if expected is None:
+        return None
+    if not path.is_file():
+        return f"{path.name} is missing"
+    if path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
+        return f"{path.name} differs from the manifest (size or SHA-256)"
+    return None

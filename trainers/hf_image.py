@@ -16,12 +16,18 @@ Choices worth knowing:
   momentum 0.9.
 - Only the two most recent checkpoints and the best one are kept (save_total_limit=2 with
   load_best_model_at_end keeps the best as well); each is announced through on_checkpoint when written.
+- Each checkpoint-N gets a trainyard-manifest.json (size and SHA-256 of each file). Resume takes the newest
+  checkpoint that verifies; a damaged one is set aside as damaged-checkpoint-N with a warning.
+- `checkpoint.every_seconds` saves mid-epoch at the next step past the interval. A cancel (SIGTERM, Ctrl-C)
+  saves the steps trained so far before the interruption goes on, unless it lands inside an optimizer update.
 - MLflow: Transformers' own MLflowCallback (a subclass of it) logs per-step metrics into the run that is
   active in this thread when train() starts, and only into that run. It never starts, resumes or ends a run,
   never reads MLFLOW_RUN_ID / MLFLOW_NESTED_RUN / MLFLOW_EXPERIMENT_NAME, and logs no params: the caller logs
   the TrainConfig as params, and TrainingArguments share keys with it (learning_rate, seed, ...), which MLflow
   refuses to change ("Changing param values is not allowed"), also when a resumed attempt changes epochs.
   The TrainingArguments and model config go to the artifact hf-image/training_args.json instead.
+  A step the run already holds (an attempt killed after the step's evaluation, before its checkpoint) is not
+  logged again by the resumed attempt: each epoch appears once.
   With no active run nothing is logged to MLflow at all (report_to stays "none").
 - deterministic=True turns on Transformers' full_determinism, which calls
   torch.use_deterministic_algorithms(True) for the whole process.
@@ -35,12 +41,14 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trainers.offline  # noqa: F401  (before Transformers: offline, no telemetry)
 from trainers.base import Trainer as BaseTrainer
 from trainers.base import TrainingPaused, TrainJob, TrainResult
+from trainers.checkpoints import CheckpointError, dir_damage, signals_held, write_dir_manifest
 from trainers.export import export_image_classifier
 
 if TYPE_CHECKING:
@@ -196,12 +204,17 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int) -> Any:
         def __init__(self) -> None:
             self.training = False
             self.train_loss: float | None = None
+            # False while the optimizer updates the weights and until the next step begins (logging, evaluation,
+            # saving): a checkpoint written on an interruption then would hold a state that never was.
+            self.consistent = False
+            self.last_saved = time.monotonic()
 
         def _epoch(self, state: Any) -> int:
             return math.ceil(state.global_step / steps_per_epoch)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.training = True  # the trainer state is already restored from the checkpoint when resuming
+            self.last_saved = time.monotonic()
             job.emit_start(job.config.epochs, state.global_step // steps_per_epoch)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -217,17 +230,29 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int) -> Any:
                 self.train_loss = None
             job.emit_epoch(self._epoch(state), out)
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.consistent = True
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.consistent = False
+
         def on_step_end(self, args, state, control, **kwargs):
-            # A pause or a "checkpoint now": Transformers saves a full checkpoint at this step. Mid-epoch is fine:
-            # its resume skips the batches of the epoch that were already trained.
-            if job.control.pause_requested or job.control.take_checkpoint_request():
+            # A pause, a "checkpoint now" or the time-based policy: Transformers saves a full checkpoint at this
+            # step. Mid-epoch is fine: its resume skips the batches of the epoch that were already trained.
+            interval = job.config.checkpoint.every_seconds
+            time_is_up = bool(interval) and time.monotonic() - self.last_saved >= interval
+            if job.control.pause_requested or job.control.take_checkpoint_request() or time_is_up:
                 control.should_save = True
             if job.control.pause_requested:
                 control.should_training_stop = True
 
         def on_save(self, args, state, control, **kwargs):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            job.emit_checkpoint(state.global_step // steps_per_epoch, path)  # epochs completed
+            self.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+        def saved(self, path: Path, step: int) -> None:
+            write_dir_manifest(path)
+            self.last_saved = time.monotonic()
+            job.emit_checkpoint(step // steps_per_epoch, path)  # epochs completed
 
         def on_train_end(self, args, state, control, **kwargs):
             self.training = False
@@ -253,7 +278,7 @@ def _mlflow_callback(run_id: str) -> Any:
             self._initialized = True
             self._auto_end_run = False
             self._log_artifacts = False
-            self._async_log = True
+            self._async_log = False  # a step counts as logged once it is in MLflow (see on_log)
             if state.is_world_process_zero and self._bound():
                 record = {"training_args": json.loads(args.to_json_string())}
                 if model is not None and getattr(model, "config", None) is not None:
@@ -261,17 +286,32 @@ def _mlflow_callback(run_id: str) -> Any:
                 mlflow.log_dict(record, _MLFLOW_ARTIFACT)
 
         def on_log(self, args, state, control, logs, model=None, **kwargs):
-            if self._bound():  # e.g. never into a run someone starts later, nor when the caller's has ended
+            # A step an earlier attempt logged before it was killed (after this step's evaluation, before its
+            # checkpoint) is trained and logged again by the resumed attempt: MLflow keeps the first, once.
+            numeric = [k for k, v in logs.items() if k != "epoch" and isinstance(v, int | float)]
+            if not numeric or not self._bound():  # never into a run someone starts later, nor once it has ended
+                return
+            logged = self._logged_steps(min(numeric))  # one key stands for its log entry
+            if state.global_step not in logged:
                 super().on_log(args, state, control, logs, model=model, **kwargs)
+                logged.add(state.global_step)
 
         def on_save(self, args, state, control, **kwargs):
             pass  # checkpoints are the caller's to log
 
-        def on_train_end(self, args, state, control, **kwargs):
-            if self._bound():
-                mlflow.flush_async_logging()  # so the caller reads back every metric once train() returns
+        def _logged_steps(self, key: str) -> set[int]:
+            if key not in self.logged:  # read once per metric name and run, then kept up to date here
+                history = mlflow.MlflowClient().get_metric_history(run_id, _mlflow_key(key))
+                self.logged[key] = {metric.step for metric in history}
+            return self.logged[key]
 
-    return ActiveRunMLflowCallback()
+    callback = ActiveRunMLflowCallback()
+    callback.logged = {}
+    return callback
+
+
+def _mlflow_key(key: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", key)  # as Transformers' MLflowCallback sanitizes metric names
 
 
 def _active_mlflow_run_id() -> str | None:
@@ -314,9 +354,11 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest completely written checkpoint; a newer partial one (a crash while saving) is removed.
+    """The newest complete checkpoint that verifies against its manifest.
 
-    Transformers writes trainer_state.json last, after the weights, optimizer, scheduler and RNG states.
+    Transformers writes trainer_state.json last, after the weights, optimizer, scheduler and RNG states: a newer
+    checkpoint without it (a crash while saving) is removed. One that is damaged (a file differs from its manifest)
+    is set aside as damaged-checkpoint-N with a warning, and the one before it is used.
     """
     found = _checkpoints(output_dir)
     complete = [(step, path) for step, path in found if (path / "trainer_state.json").is_file()]
@@ -325,7 +367,40 @@ def _last_complete_checkpoint(output_dir: Path) -> Path | None:
         if step > last_step:
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
             shutil.rmtree(path, ignore_errors=True)
+    for _, path in reversed(complete):
+        damage = dir_damage(path)
+        if damage is None:
+            return path
+        aside = path.with_name(f"damaged-{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        log.warning("checkpoint %s is damaged (%s): set aside as %s; trying the one before it", path, damage, aside)
+    if complete:
+        raise CheckpointError(
+            f"no usable checkpoint in {output_dir}: every one is damaged (set aside as damaged-checkpoint-*). "
+            "Training will not restart from scratch on its own: restore them, or remove the directory (or use "
+            "another output directory) to start over"
+        )
     return last
+
+
+def _checkpoint_on_the_way_out(trainer: Any, progress: Any, output_dir: Path, why: str) -> None:
+    """A checkpoint of the steps trained so far, unless the interruption landed in the middle of an update."""
+    step = trainer.state.global_step
+    if not progress.consistent:
+        log.warning(
+            "interrupted (%s) in the middle of a training step: the last checkpoint stands, and the steps since "
+            "it are trained again on resume",
+            why,
+        )
+        return
+    path = output_dir / f"checkpoint-{step}"
+    if step == 0 or (path / "trainer_state.json").is_file():
+        return  # nothing trained yet, or this very step is saved already
+    with signals_held():
+        trainer._save_checkpoint(trainer.model, trial=None)  # what Transformers' loop calls at a save step
+        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)  # manifest, MLflow, callbacks
+    log.warning("interrupted (%s): checkpoint at step %d (%s)", why, step, path)
 
 
 def _optimizer(name: str) -> dict[str, Any]:
@@ -437,7 +512,12 @@ class HFImageTrainer(BaseTrainer):
         resume = _last_complete_checkpoint(output_dir)
         if resume is not None:
             log.info("resuming from %s", resume)
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        except BaseException as interruption:
+            if not isinstance(interruption, Exception):  # a signal (Prefect's cancellation, Ctrl-C): keep the work
+                _checkpoint_on_the_way_out(trainer, progress, output_dir, type(interruption).__name__)
+            raise
         if job.control.pause_requested and trainer.state.global_step < trainer.state.max_steps:
             step = trainer.state.global_step
             raise TrainingPaused(f"paused in epoch {step // steps_per_epoch + 1}, at step {step} (checkpoint-{step})")

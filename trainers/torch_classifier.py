@@ -5,14 +5,11 @@ The fastest trainer, and the readable reference for the contract: one loop, one 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
 from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import CheckpointError, CheckpointStore
+from trainers.checkpoints import CheckpointError, CheckpointStore, signals_held
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
 from trainers.export import export_image_classifier
@@ -188,7 +185,7 @@ class TorchClassifierTrainer(Trainer):
             # did not land in the middle of an update.
             if not isinstance(interruption, Exception):
                 if consistent:
-                    with _signals_held():
+                    with signals_held():
                         checkpoint()
                     log.warning(
                         "interrupted (%s): checkpoint at epoch %d, batch %d",
@@ -288,21 +285,6 @@ class TorchClassifierTrainer(Trainer):
 
 
 @torch.no_grad()
-@contextlib.contextmanager
-def _signals_held():
-    """While the checkpoint on the way out is written, a repeated SIGTERM or Ctrl-C (a cancel is often delivered
-    twice: to the process and through its launcher) must not abort it; the interruption is re-raised after anyway."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
-
-
 def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device: torch.device, split: str) -> dict[str, float]:
     model.eval()
     correct, total, loss = 0, 0, 0.0

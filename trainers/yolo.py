@@ -10,7 +10,11 @@ Layout of `job.output_dir` (it is Ultralytics' run directory):
     args.yaml, results.csv
     weights/last.pt     every epoch (Ultralytics); stripped of optimizer state when training ends
     weights/best.pt     best fitness so far (Ultralytics); stripped when training ends
-    weights/epochN.pt   full-state copy of last.pt every `checkpoint.every_n_epochs` epochs, and at the last
+    weights/epochN.pt   full-state copy of last.pt every `checkpoint.every_n_epochs` epochs, and at the last;
+                        written atomically, with its SHA-256 in weights/trainyard-manifest.json
+Ultralytics writes last.pt in place, so a kill during that write truncates it: the resume then falls back to the
+newest epochN.pt that verifies, with a warning. It resumes from epoch boundaries only: a cancel or a crash
+mid-epoch keeps the last epoch's checkpoint (checkpoint.every_seconds has no mid-epoch effect here).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import yaml
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
 from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import write_atomic
+from trainers.checkpoints import CheckpointError, copy_atomic, file_damage, record_file, write_atomic
 
 log = logging.getLogger("trainers.yolo")
 
@@ -360,7 +364,10 @@ def _resume_plan(job: TrainJob, last: Path) -> _Plan:
     """
     if not last.is_file():
         return _Plan()
-    ckpt = _load_ckpt(last)
+    try:
+        ckpt = _load_ckpt(last)
+    except Exception as error:  # Ultralytics writes last.pt in place: a kill during that write truncates it
+        ckpt = _recover_last(last, error)
     if ckpt.get("optimizer") is not None and ckpt.get("epoch", -1) >= 0:
         completed = ckpt["epoch"] + 1
         if completed >= job.config.epochs:
@@ -381,6 +388,28 @@ def _resume_plan(job: TrainJob, last: Path) -> _Plan:
         )
     _set_checkpoint_epochs(last, full_ckpt, job.config.epochs, force=True)  # last.pt: resumable again
     return _Plan(completed, resume_from=last)
+
+
+def _recover_last(last: Path, error: Exception) -> dict[str, Any]:
+    """Replace an unreadable last.pt with the newest epochN.pt copy that verifies and loads, with a warning."""
+    copies = sorted(last.parent.glob("epoch*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    problems = [f"{last.name} ({type(error).__name__})"]
+    for copy in reversed(copies):
+        damage = file_damage(copy)
+        try:
+            if damage:
+                raise ValueError(damage)
+            ckpt = _load_ckpt(copy)
+        except Exception as bad:
+            problems.append(f"{copy.name} ({bad})")
+            continue
+        log.warning("%s does not load (%s): resuming from %s instead", last, error, copy.name)
+        copy_atomic(copy, last)
+        return ckpt
+    raise CheckpointError(
+        f"no usable checkpoint in {last.parent}: {'; '.join(problems)}. Training will not restart from scratch on "
+        "its own: restore the files, or remove the directory (or use another output directory) to start over"
+    )
 
 
 def _load_ckpt(path: Path) -> dict[str, Any]:
@@ -430,6 +459,8 @@ class _Progress:
 
     def on_train_start(self, trainer) -> None:
         self.job.emit_start(int(trainer.epochs), int(trainer.start_epoch))
+        if trainer.start_epoch and getattr(trainer, "_mlflow_active", False):
+            _log_missing_epochs(trainer)
 
     def on_train_epoch_end(self, trainer) -> None:
         self.train_epoch = trainer.epoch
@@ -444,7 +475,8 @@ class _Progress:
         if epoch % self.every == 0 or trainer.stop or epoch >= trainer.epochs or self.requested:
             # last.pt is rewritten every epoch and stripped at the end: keep a full-state (resumable) copy.
             path = Path(trainer.wdir) / f"epoch{epoch}.pt"
-            shutil.copyfile(trainer.last, path)
+            copy_atomic(Path(trainer.last), path)
+            record_file(path)  # its checksum, checked before a resume falls back to it
             self.pending = (epoch, path)
 
     def on_fit_epoch_end(self, trainer) -> None:
@@ -454,14 +486,8 @@ class _Progress:
             self.best_metrics = _split_metrics(metrics, "val")
             return
         epoch = trainer.epoch + 1
-        out = _split_metrics(metrics, "val")
-        for key, value in metrics.items():
-            if key.startswith("val/"):
-                out[f"val_{key[4:]}"] = value
-        for key, value in trainer.label_loss_items(trainer.tloss, prefix="train").items():
-            out[key.replace("/", "_")] = float(value)
-        if getattr(trainer, "lr", None):
-            out["learning_rate"] = float(trainer.lr.get("lr/pg0", next(iter(trainer.lr.values()))))
+        losses = trainer.label_loss_items(trainer.tloss, prefix="train")
+        out = _epoch_metrics({**metrics, **losses, **(getattr(trainer, "lr", None) or {})})
         if getattr(trainer, "_mlflow_active", False):
             # Same names and 1-based steps as the other trainers, beside Ultralytics' own (0-based) ones.
             import mlflow
@@ -476,6 +502,33 @@ class _Progress:
         if self.pending is not None:
             self.job.emit_checkpoint(*self.pending)
             self.pending = None
+
+
+def _epoch_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """Ultralytics' names for one epoch (metrics/..., val/..., train/..., lr/pg0) -> Trainyard's."""
+    out = _split_metrics(values, "val")
+    for key, value in values.items():
+        if key.startswith(("val/", "train/")):
+            out[key.replace("/", "_")] = float(value)
+    if "lr/pg0" in values:
+        out["learning_rate"] = float(values["lr/pg0"])
+    return out
+
+
+def _log_missing_epochs(trainer) -> None:
+    """A resumed run: log the saved epochs the MLflow run lacks (an attempt killed after Ultralytics saved an
+    epoch, before its metrics were logged), from results.csv, so every epoch is in the run once."""
+    import mlflow
+
+    try:
+        run_id = mlflow.active_run().info.run_id
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_map50_95")}
+        rows = trainer.read_results_csv()
+        for index, epoch in enumerate(int(e) for e in rows.get("epoch", [])):
+            if epoch <= trainer.start_epoch and epoch not in logged:
+                mlflow.log_metrics(_epoch_metrics({k: v[index] for k, v in rows.items() if k != "epoch"}), step=epoch)
+    except Exception as exc:  # tracking must never stop training
+        log.warning("could not fill in the MLflow run's missing epochs: %s", exc)
 
 
 # ---------------------------------------------------------------------- Ultralytics setup

@@ -6,9 +6,11 @@ feeds most tests; resume, a local pretrained directory and the two tiny architec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,3 +423,135 @@ def test_checkpoint_now_saves_at_the_next_step_and_training_goes_on(shapes: Data
     saved = [path.name for _, path in job.callbacks[0].checkpoints]
     assert saved == [f"checkpoint-{STEPS_PER_EPOCH + 1}", f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}"]
     assert result.epochs_completed == EPOCHS
+
+
+# ------------------------------------------------------------------ interruptions: cancel, kill -9, damage
+
+DRIVER = Path(__file__).with_name("hf_driver.py")
+
+
+class Terminated(BaseException):
+    """What Prefect's SIGTERM handler raises in the main thread when a run is cancelled (a BaseException)."""
+
+
+@contextlib.contextmanager
+def _sigterm_at_training_step(step: int):
+    """SIGTERM arrives while training step `step` runs its forward pass (model and optimizer consistent)."""
+    from trainers import hf_image
+
+    real_build = hf_image.build_model
+    forwards = 0
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def before_forward(module, inputs):
+            nonlocal forwards
+            if module.training:
+                forwards += 1
+                if forwards == step:
+                    signal.raise_signal(signal.SIGTERM)
+
+        model.register_forward_pre_hook(before_forward)
+        return model
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hf_image, "build_model", build)
+            yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_cancel_mid_epoch_checkpoints_the_steps_trained_and_training_again_finishes_every_epoch_once(
+    shapes: DatasetSpec, tmp_path: Path, caplog
+):
+    out = tmp_path / "out"
+    job = _job(shapes, out, every_n_epochs=1)
+    with _sigterm_at_training_step(STEPS_PER_EPOCH + 2), pytest.raises(Terminated):  # the 2nd step of epoch 2
+        HFImageTrainer().train(job)
+    saved = out / f"checkpoint-{STEPS_PER_EPOCH + 1}"  # every step that finished, mid-epoch 2
+    assert job.callbacks[0].checkpoints[-1] == (1, saved)
+    assert (saved / "trainer_state.json").is_file() and (saved / "trainyard-manifest.json").is_file()
+    assert f"checkpoint at step {STEPS_PER_EPOCH + 1}" in caplog.text
+
+    again = _job(shapes, out, every_n_epochs=1)
+    result = HFImageTrainer().train(again)
+    assert again.callbacks[0].starts == [(EPOCHS, 1)]
+    assert [epoch for epoch, _ in again.callbacks[0].epochs] == [2, 3]
+    assert result.epochs_completed == EPOCHS
+
+
+def test_every_seconds_checkpoints_mid_epoch(shapes: DatasetSpec, tmp_path: Path):
+    job = _job(shapes, tmp_path / "out", epochs=1, every_n_epochs=1)
+    job.config.checkpoint.every_seconds = 1e-6  # each step is past the interval
+    HFImageTrainer().train(job)
+    steps = [int(path.name.split("-")[1]) for _, path in job.callbacks[0].checkpoints]
+    assert steps == list(range(1, STEPS_PER_EPOCH + 1))
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(
+    shapes: DatasetSpec, tmp_path: Path, caplog
+):
+    out = tmp_path / "out"
+    HFImageTrainer().train(_job(shapes, out, epochs=2, every_n_epochs=1))
+    newest = out / f"checkpoint-{2 * STEPS_PER_EPOCH}"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a disk error, a partial copy
+
+    again = _job(shapes, out, every_n_epochs=1)
+    HFImageTrainer().train(again)
+    assert "model.safetensors differs from the manifest" in caplog.text
+    assert (out / f"damaged-checkpoint-{2 * STEPS_PER_EPOCH}").is_dir()
+    assert again.callbacks[0].starts == [(EPOCHS, 1)]  # from checkpoint-3: epochs 2 and 3 again
+    assert [epoch for epoch, _ in again.callbacks[0].epochs] == [2, 3]
+
+
+def test_no_usable_checkpoint_is_a_clear_error_never_a_silent_restart(shapes: DatasetSpec, tmp_path: Path):
+    from trainers.checkpoints import CheckpointError
+
+    out = tmp_path / "out"
+    HFImageTrainer().train(_job(shapes, out, epochs=1, every_n_epochs=1))
+    for checkpoint in out.glob("checkpoint-*"):
+        (checkpoint / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint .* will not restart from scratch"):
+        HFImageTrainer().train(_job(shapes, out, every_n_epochs=1))
+
+
+@pytest.mark.parametrize("kill_point", ["KILL_AFTER_EVAL_OF_EPOCH", "KILL_AFTER_SAVE_OF_EPOCH"])
+def test_each_epochs_metrics_reach_mlflow_exactly_once_across_a_kill(shapes: DatasetSpec, tmp_path: Path, kill_point):
+    import os
+    import subprocess
+    import sys
+
+    from infra.settings import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("hf-kill", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    env = {
+        **os.environ,
+        "DATASET": str(shapes.root),
+        "OUT": str(tmp_path / "out"),
+        "EPOCHS": str(EPOCHS),
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_RUN_ID": run_id,
+    }
+
+    def train(**extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(DRIVER)]
+        return subprocess.run(command, env={**env, **extra}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    killed = train(**{kill_point: "2"})  # epoch 2 evaluated (and, for the second, saved), then kill -9
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = train()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    every_epoch = [STEPS_PER_EPOCH * epoch for epoch in range(1, EPOCHS + 1)]
+    for name in ("eval_accuracy", "eval_loss", "loss"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == every_epoch, name
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -336,19 +336,24 @@ def test_a_finished_run_is_continued_to_more_epochs(trained, dataset, tracking, 
     assert set(result2.metrics) == VAL_METRICS
 
 
+def _killed_after_saving_epoch_2(trained, tmp_path: Path) -> Path:
+    """A copy of the trained run as a run killed after saving epoch 2 leaves it: last.pt = the epoch-2 state, two
+    rows of results."""
+    output_dir = _copy_run(trained, tmp_path)
+    weights = output_dir / "weights"
+    shutil.copyfile(weights / "epoch2.pt", weights / "last.pt")
+    (weights / "epoch3.pt").unlink()
+    csv = output_dir / "results.csv"
+    csv.write_text("\n".join(csv.read_text().splitlines()[:3]) + "\n")
+    return output_dir
+
+
 def test_an_interrupted_run_resumes_where_it_stopped(trained, dataset, tmp_path):
     """Ultralytics' own resume: last.pt still holds optimizer state when a run dies mid-way."""
     from trainers.yolo import YoloTrainer
 
     spec, data_yaml = dataset
-    output_dir = _copy_run(trained, tmp_path)
-    weights = output_dir / "weights"
-    # As a run killed after saving epoch 2 leaves it: last.pt = the epoch-2 state, two rows of results.
-    shutil.copyfile(weights / "epoch2.pt", weights / "last.pt")
-    (weights / "epoch3.pt").unlink()
-    csv = output_dir / "results.csv"
-    csv.write_text("\n".join(csv.read_text().splitlines()[:3]) + "\n")
-
+    output_dir = _killed_after_saving_epoch_2(trained, tmp_path)
     job, recorder = make_job(spec, data_yaml, output_dir)
     result = YoloTrainer().train(job)
     assert recorder.starts == [(EPOCHS, 2)]
@@ -390,3 +395,66 @@ def test_a_pause_stops_after_the_epoch_it_arrives_in_and_training_again_continue
     assert recorder.starts == [(EPOCHS, 2)]
     assert [epoch for epoch, _ in recorder.epochs] == [3]
     assert result.epochs_completed == EPOCHS
+
+
+def _killed_while_writing_last_pt(trained, tmp_path: Path) -> Path:
+    """A run killed during Ultralytics' in-place write of last.pt in epoch 3: epochs 1-2 done, last.pt truncated."""
+    output_dir = _killed_after_saving_epoch_2(trained, tmp_path)
+    last = output_dir / "weights" / "last.pt"
+    last.write_bytes(last.read_bytes()[:5000])
+    return output_dir
+
+
+def test_a_last_pt_truncated_by_a_kill_falls_back_to_the_newest_verified_copy(trained, dataset, tmp_path, caplog):
+    from trainers.yolo import YoloTrainer
+
+    spec, data_yaml = dataset
+    output_dir = _killed_while_writing_last_pt(trained, tmp_path)
+    job, recorder = make_job(spec, data_yaml, output_dir)
+    result = YoloTrainer().train(job)
+    assert "last.pt does not load" in caplog.text and "resuming from epoch2.pt" in caplog.text
+    assert recorder.starts == [(EPOCHS, 2)]
+    assert [epoch for epoch, _ in recorder.epochs] == [3]
+    assert result.epochs_completed == EPOCHS
+
+
+def test_damaged_copies_too_are_a_clear_error_never_a_silent_restart(trained, dataset, tmp_path):
+    from trainers.checkpoints import CheckpointError
+    from trainers.yolo import YoloTrainer
+
+    spec, data_yaml = dataset
+    output_dir = _killed_while_writing_last_pt(trained, tmp_path)
+    for copy in (output_dir / "weights").glob("epoch*.pt"):
+        data = bytearray(copy.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one flipped byte: only the checksum can tell
+        copy.write_bytes(bytes(data))
+    job, _ = make_job(spec, data_yaml, output_dir)
+    with pytest.raises(CheckpointError, match=r"epoch2\.pt \(epoch2\.pt differs from the manifest.*from scratch"):
+        YoloTrainer().train(job)
+
+
+def test_a_resumed_run_fills_in_a_saved_epoch_the_killed_attempt_never_logged(trained, dataset, tracking, tmp_path):
+    """Killed after Ultralytics saved epoch 2, before its metrics reached MLflow: the resumed attempt logs epoch 2
+    from results.csv and trains and logs epoch 3; each epoch is in the run once."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from trainers.yolo import YoloTrainer
+
+    spec, data_yaml = dataset
+    output_dir = _killed_after_saving_epoch_2(trained, tmp_path)
+    csv = output_dir / "results.csv"
+    header, _, row_2 = csv.read_text().splitlines()
+    saved_epoch_2 = dict(zip(header.split(","), row_2.split(","), strict=True))
+
+    client = MlflowClient()
+    names = VAL_METRICS | TRAIN_LOSSES
+    epoch_1 = {name: client.get_metric_history(trained["run_id"], name)[0].value for name in names}
+    with mlflow.start_run(experiment_id=tracking) as run:
+        mlflow.log_metrics(epoch_1, step=1)  # what the killed attempt logged
+        job, _ = make_job(spec, data_yaml, output_dir)
+        YoloTrainer().train(job)
+    for name in names:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [1, 2, 3], name
+    [map_2] = [m.value for m in client.get_metric_history(run.info.run_id, "val_map50_95") if m.step == 2]
+    assert map_2 == pytest.approx(float(saved_epoch_2["metrics/mAP50-95(B)"]))
