@@ -239,7 +239,19 @@ def _when(moment) -> str:
 
 
 def _attempts_table(attempts: list[Attempt]) -> str:
-    headers = ["id", "request", "profile", "outcome", "started", "ended", "minutes", "est $", "cost $", "reason"]
+    headers = [
+        "id",
+        "request",
+        "profile",
+        "outcome",
+        "started",
+        "ended",
+        "minutes",
+        "est $",
+        "cost $",
+        "GPUs",
+        "reason",
+    ]
     rows = []
     for a in attempts:
         minutes = f"{(a.ended_at - a.started_at).total_seconds() / 60:.1f}" if a.ended_at and a.started_at else "-"
@@ -254,6 +266,7 @@ def _attempts_table(attempts: list[Attempt]) -> str:
                 minutes,
                 "-" if a.estimated_cost_usd is None else f"{a.estimated_cost_usd:.2f}",
                 "-" if a.actual_cost_usd is None else f"{a.actual_cost_usd:.2f}",
+                a.gpus or "-",
                 a.reason,
             ]
         )

@@ -5,6 +5,7 @@ TRAINYARD_STORE_URL=postgresql+psycopg://user@host/db   (default: sqlite:///$TRA
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +73,20 @@ class Attempt(SQLModel, table=True):
     reason: str = ""
     estimated_cost_usd: float | None = None
     actual_cost_usd: float | None = None
+    gpus: str = Field(default="", sa_column_kwargs={"server_default": ""})  # the GPUs its training leased
+
+
+class GpuWaiter(SQLModel, table=True):
+    """A request waiting for GPUs on a host: the line is served first come, first served (lowest id first)."""
+
+    __tablename__ = "gpu_waiters"
+
+    id: int | None = Field(default=None, primary_key=True)
+    host: str = Field(index=True)
+    need: str = ""  # what it asks for, as the log and the monitor show it
+    holder: str = ""  # who waits: flow run, pid
+    joined_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    seen_at: datetime = Field(default_factory=lambda: datetime.now(UTC))  # refreshed while it waits
 
 
 def store_url() -> str:
@@ -85,6 +100,12 @@ class Store:
             os.makedirs(os.path.dirname(self.url.removeprefix("sqlite:///")) or ".", exist_ok=True)
         self.engine = create_engine(self.url, pool_pre_ping=True)
         SQLModel.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
+
+    @classmethod
+    def shared(cls) -> Store:
+        """One Store per URL for this process: its engine (and the table check) is made once, not per call."""
+        return _shared(store_url())
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -172,9 +193,86 @@ class Store:
             )
             return list(session.exec(query))
 
+    def record_gpus(self, request_id: str, gpus: str) -> None:
+        """Write the leased GPUs on the request's attempt that is training now (its newest open one)."""
+        with self.session() as session:
+            query = (
+                select(Attempt)
+                .where(Attempt.request_id == request_id, Attempt.ended_at == None)  # noqa: E711
+                .order_by(Attempt.id.desc())
+            )
+            attempt = session.exec(query).first()
+            if attempt is not None:
+                attempt.gpus = gpus
+                session.add(attempt)
+                session.commit()
+
+    def attempt(self, attempt_id: int) -> Attempt | None:
+        with self.session() as session:
+            return session.get(Attempt, attempt_id)
+
+    # --- the GPU waiting line ---
+    def join_gpu_line(self, host: str, need: str, holder: str) -> GpuWaiter:
+        with self.session() as session:
+            waiter = GpuWaiter(host=host, need=need, holder=holder)
+            session.add(waiter)
+            session.commit()
+            session.refresh(waiter)
+            return waiter
+
+    def gpu_line(self, host: str | None = None, alive_within_s: float | None = None) -> list[GpuWaiter]:
+        """The waiters, first come first; with alive_within_s, only those seen that recently (a killed waiter
+        stops refreshing and drops out of the line)."""
+        with self.session() as session:
+            query = select(GpuWaiter).order_by(GpuWaiter.id)
+            if host is not None:
+                query = query.where(GpuWaiter.host == host)
+            waiters = list(session.exec(query))
+        if alive_within_s is None:
+            return waiters
+        cutoff = datetime.now(UTC).timestamp() - alive_within_s
+        return [w for w in waiters if w.seen_at.replace(tzinfo=UTC).timestamp() >= cutoff]
+
+    def still_waiting(self, waiter_id: int) -> None:
+        with self.session() as session:
+            waiter = session.get(GpuWaiter, waiter_id)
+            if waiter is not None:
+                waiter.seen_at = datetime.now(UTC)
+                session.add(waiter)
+                session.commit()
+
+    def leave_gpu_line(self, waiter_id: int) -> None:
+        with self.session() as session:
+            waiter = session.get(GpuWaiter, waiter_id)
+            if waiter is not None:
+                session.delete(waiter)
+                session.commit()
+
     def attempts(self, request_id: str | None = None) -> list[Attempt]:
         with self.session() as session:
             query = select(Attempt).order_by(Attempt.id)
             if request_id:
                 query = query.where(Attempt.request_id == request_id)
             return list(session.exec(query))
+
+
+def _add_missing_columns(engine) -> None:
+    """Columns added to a table since a store was created (e.g. attempts.gpus): create_all adds tables only."""
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in SQLModel.metadata.sorted_tables:
+            existing = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in existing:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = column.server_default.arg if column.server_default is not None else None
+                clause = f" NOT NULL DEFAULT '{default}'" if isinstance(default, str) else ""
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}'))
+
+
+@functools.cache
+def _shared(url: str) -> Store:
+    return Store(url)

@@ -70,7 +70,7 @@ def rank(request, dataset_version: str, store: Store) -> Ranking:
 
 @task
 def select_compute(request, dataset_version: str) -> Ranking:
-    store = Store()
+    store = Store.shared()
     if not store.profiles():  # first use: the seed file; afterwards the store is the user's to edit
         store.seed(SEED_PROFILES)
     ranking = rank(request, dataset_version, store)

@@ -29,7 +29,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalC
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound, Pause
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, Pause
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
@@ -70,9 +70,10 @@ def ensure_profile_limit(profile: ComputeProfile) -> bool:
         try:
             limit = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=profile.max_concurrent)
-            )
+            with contextlib.suppress(ObjectAlreadyExists):  # several first runs of a profile at once: one creates it
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=profile.max_concurrent)
+                )
             return True
         if limit.limit != profile.max_concurrent:
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=profile.max_concurrent))
@@ -109,7 +110,7 @@ class Placement:
         self.request, self.dataset, self.output_dir, self.run_id = request, dataset, output_dir, run_id
         self.ranking = ranking
         self.request_id = str(flow_run.id or run_id)
-        self.store = Store()
+        self.store = Store.shared()
         self.log = get_run_logger()
         self.attempts: list[Attempt] = []
 
@@ -137,6 +138,7 @@ class Placement:
         cost = round(profile.price_per_hour * hours, 6) if ran else 0.0
         self.store.finish_attempt(attempt.id, outcome, reason, actual_cost_usd=cost)
         attempt.outcome, attempt.reason, attempt.actual_cost_usd = outcome, reason, cost
+        attempt.gpus = self.store.attempt(attempt.id).gpus  # written by the training, wherever it ran
         number = self.attempts.index(attempt) + 1
         self.log.info("attempt %d on %s: %s (%s)", number, profile.name, outcome, reason)
         mlflow.set_tag(f"compute.attempt.{number}", f"{profile.name}: {outcome} ({reason})"[:5000])
@@ -151,6 +153,7 @@ class Placement:
                     "outcome": a.outcome,
                     "reason": a.reason,
                     "flow run": a.flow_run_id or "",
+                    "GPUs": a.gpus or "",
                     "estimated $": a.estimated_cost_usd,
                     "actual $": a.actual_cost_usd,
                 }
@@ -272,7 +275,7 @@ class Placement:
         outcome, reason = self._watch(child.id, attempt)
         self._end(attempt, profile, outcome, reason)
         if outcome == "completed":
-            return read_result(self.output_dir)
+            return read_result(self.output_dir, self.request.experiment, self.request_id)
         if outcome == "paused":
             raise TrainingPaused(reason.removeprefix(PAUSED))
         if outcome == "failed" and not self.request.compute.fallback_on_failure:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import mlflow
 from prefect import get_run_logger
+from prefect.runtime import flow_run
 
 from infra.allocation import Lease, Need, gpu_lease
 from infra.compute import local_device
 from infra.gpus import HostInventory, discover
+from infra.store import Store
 
 SYSTEM_METRICS_EVERY_S = 5.0
 
@@ -28,9 +30,10 @@ def need_of(request, inventory: HostInventory) -> Need:
 
 
 @contextlib.contextmanager
-def held_resources(request, output_dir: Path, run_id: str) -> Iterator[str]:
-    """Lease the GPUs the request needs on this host (waiting while they are busy), show the training only those,
-    record them on the MLflow run and sample them into it; yields the torch device. Released on any exit."""
+def held_resources(request, output_dir: Path, run_id: str, request_id: str | None = None) -> Iterator[str]:
+    """Lease the GPUs the request needs on this host (waiting in line while they are busy), show the training only
+    those, record them on the MLflow run and in the attempts ledger, and sample them into the run; yields the torch
+    device. Released on any exit."""
     logger = get_run_logger()
     inventory = discover(output_dir)
     with gpu_lease(need_of(request, inventory), inventory, on_wait=logger.warning) as lease:
@@ -39,6 +42,7 @@ def held_resources(request, output_dir: Path, run_id: str) -> Iterator[str]:
         if lease is not None:
             tags["gpus"] = lease.describe()
             logger.info("GPUs leased after %.1f s: %s", lease.waited_s, lease.describe())
+            Store.shared().record_gpus(request_id or str(flow_run.id), lease.describe())  # the train flow run's attempt
         mlflow.set_tags(tags)
         with _system_metrics(run_id, inventory.hostname, lease):
             yield device

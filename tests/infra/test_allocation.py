@@ -151,3 +151,33 @@ def test_on_a_real_gpu_the_training_process_sees_only_its_leased_gpu(stack):
         seen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert seen.split()[0] == "1"
     assert lease.gpus[0].name in seen
+
+
+def test_waiters_are_served_first_come_first_served_and_see_their_position(stack, tmp_path):
+    """One GPU held; three requests arrive one after another while it is busy: they get it in arrival order, each
+    told its place in line while it waits."""
+    host = inventory(gpus=1)
+    (tmp_path / "inventory.json").write_text(host.to_json())
+    (tmp_path / "need.json").write_text(json.dumps(dataclasses.asdict(Need(gpus=1))))
+    records = tmp_path / "records.jsonl"
+    args = [str(tmp_path / "inventory.json"), str(tmp_path / "need.json")]
+
+    def start(hold: str) -> subprocess.Popen:
+        command = [sys.executable, str(WORKER), *args, hold, str(records)]
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    release = tmp_path / "release"
+    holder = start(f"until:{release}")
+    assert holder.stdout.readline().startswith("leased")
+    waiters, said = [], [""]
+    for _ in range(3):  # each is waiting in line before the next one starts
+        waiters.append(start("0.3"))
+        said.append(waiters[-1].stderr.readline())
+    release.touch()
+    for proc in [holder, *waiters]:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    leases = sorted((json.loads(line) for line in records.read_text().splitlines()), key=lambda r: r["start"])
+    assert [r["pid"] for r in leases] == [holder.pid, *(w.pid for w in waiters)]
+    assert "next in line" in said[1]
+    assert "position 2 in line" in said[2] and "position 3 in line" in said[3]

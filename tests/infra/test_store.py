@@ -133,3 +133,35 @@ def test_attempts_ledger_round_trip_with_timestamps(store: Store):
 
     assert utc(read.started_at) == started
     assert timedelta(0) <= datetime.now(UTC) - utc(read.ended_at) < timedelta(minutes=1)
+
+
+def test_a_store_created_before_the_gpus_column_gets_it_and_keeps_its_attempts(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the attempts table as an earlier Trainyard created it
+        db.execute(
+            "CREATE TABLE attempts (id INTEGER PRIMARY KEY, request_id VARCHAR NOT NULL, profile VARCHAR NOT NULL, "
+            "flow_run_id VARCHAR, trainer VARCHAR NOT NULL, dataset_version VARCHAR NOT NULL, started_at DATETIME "
+            "NOT NULL, ended_at DATETIME, outcome VARCHAR NOT NULL, reason VARCHAR NOT NULL, estimated_cost_usd "
+            "FLOAT, actual_cost_usd FLOAT)"
+        )
+        db.execute(
+            "INSERT INTO attempts VALUES (1, 'r1', 'local', NULL, 'torch', 'v1', '2026-11-01 10:00:00', NULL, "
+            "'running', '', NULL, NULL)"
+        )
+    store = Store(f"sqlite:///{path}")
+    [old] = store.attempts("r1")
+    assert old.gpus == "" and old.outcome == "running"
+    store.record_gpus("r1", "0:Test GPU (GPU-1)")
+    assert store.attempts("r1")[0].gpus == "0:Test GPU (GPU-1)"
+
+
+def test_the_gpus_go_on_the_requests_attempt_that_is_training(store: Store):
+    request = f"req-{uuid.uuid4().hex[:8]}"
+    late = store.record_attempt(Attempt(request_id=request, profile="a", outcome="late"))
+    store.finish_attempt(late.id, "late", "not started")
+    training = store.record_attempt(Attempt(request_id=request, profile="b", outcome="running"))
+    store.record_gpus(request, "1:H100 (GPU-x)")
+    assert store.attempt(training.id).gpus == "1:H100 (GPU-x)"
+    assert store.attempt(late.id).gpus == ""
