@@ -1,7 +1,9 @@
-"""The train flow: prepare_dataset -> select_compute -> train (with fallback) -> evaluate -> export -> register.
+"""The train flow: [sync_dataset] -> prepare_dataset -> select_compute -> train (with fallback) -> evaluate -> export
+-> [upload_model] -> register.
 
 One MLflow run records the whole pipeline, across every attempt; the Prefect run shows each stage, live progress,
-every compute attempt and a summary.
+every compute attempt and a summary. An s3:// dataset is synced into the local cache first; with an artifact store
+(TRAINYARD_ARTIFACT_STORE) checkpoints and the exported model are uploaded to it (tasks/storage.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tasks.export import export_model
 from tasks.placement import train_on_compute
 from tasks.registry import register_model
 from tasks.report import publish_summary
+from tasks.storage import artifact_store, check_artifact_store, is_remote, sync_dataset, upload_model
 from tasks.tracking import end_runs_left_running, pipeline_run
 from trainers.registry import trainer_spec
 
@@ -32,6 +35,7 @@ class TrainSummary:
     model_name: str
     model_version: str
     onnx_path: str
+    onnx_uri: str | None  # in the artifact store, when there is one
     metrics: dict[str, float]
     compute_reasons: dict[str, str]  # every profile and why it was (not) chosen
 
@@ -46,17 +50,25 @@ def _close_mlflow_run(flow, flow_run, state) -> None:
 def train(**parameters) -> TrainSummary:
     """Train, evaluate, export to ONNX and register a vision model."""
     request = TrainRequest(**parameters)
-    dataset = prepare_dataset(request.dataset, trainer_spec(request.trainer).dataset_format)
+    if artifact_store():
+        check_artifact_store(request.experiment)
+    local_dataset = sync_dataset(request.dataset) if is_remote(request.dataset) else request.dataset
+    dataset = prepare_dataset(local_dataset, trainer_spec(request.trainer).dataset_format)
     publish_dataset_stats(dataset)
     ranking = select_compute(request, dataset.version)
-    output_dir = Settings.from_env().runs_dir / str(flow_run.id or "local")  # shared by every attempt
+    run = str(flow_run.id or "local")
+    output_dir = Settings.from_env().runs_dir / run  # shared by every attempt
 
     # A pause (Prefect UI or CLI) checkpoints and suspends the run; Resume runs this flow again, which resumes.
     with paused_training_suspends_the_run(), pipeline_run(request, dataset, ranking) as run_id:
         result = train_on_compute(request, dataset, ranking, output_dir, run_id)
         metrics = evaluate_model(request, dataset, output_dir, result, run_id)
         exported = export_model(request, dataset, output_dir, result, run_id)
+        stored = upload_model(request, result, exported, run, run_id) if artifact_store() else None
         model = register_model(request, result, exported, run_id)
-        run_url = publish_summary(request, run_id, metrics, exported, model)
+        run_url = publish_summary(request, run_id, metrics, exported, model, stored)
 
-    return TrainSummary(run_id, run_url, model.name, model.version, str(exported.onnx_path), metrics, ranking.reasons)
+    onnx_uri = stored.onnx_uri if stored else None
+    return TrainSummary(
+        run_id, run_url, model.name, model.version, str(exported.onnx_path), onnx_uri, metrics, ranking.reasons
+    )

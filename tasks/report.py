@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.export import ExportedModel
 from tasks.registry import RegisteredModel
+from tasks.storage import StoredModel
 
 
 def mlflow_run_url(run_id: str) -> str:
@@ -17,16 +18,29 @@ def mlflow_run_url(run_id: str) -> str:
 
 @task
 def publish_summary(
-    request, run_id: str, metrics: dict[str, float], exported: ExportedModel, model: RegisteredModel
+    request,
+    run_id: str,
+    metrics: dict[str, float],
+    exported: ExportedModel,
+    model: RegisteredModel,
+    stored: StoredModel | None = None,
 ) -> str:
     url = mlflow_run_url(run_id)
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in metrics.items())
+    download = ""
+    if stored is not None:
+        until = f"until {stored.expires_at:%Y-%m-%d %H:%M} UTC" if stored.expires_at else "no expiry"
+        download = (
+            f"- Stored: `{stored.onnx_uri}` (sha256 `{stored.onnx_sha256}`), checkpoint `{stored.checkpoint_uri}`\n"
+            f"- Download ONNX: [presigned URL]({stored.download_url}) ({until})\n"
+        )
     create_markdown_artifact(
         f"## {model.name} v{model.version} (@{model.alias})\n\n"
         f"- MLflow run: [{run_id}]({url})\n"
         f"- Registered model: `models:/{model.name}@{model.alias}` (version {model.version})\n"
         f"- ONNX: `{exported.onnx_path}` (parity on {exported.parity.images} validation images: "
         f"max |diff| {exported.parity.max_abs_diff:.2e})\n"
+        f"{download}"
         f"- Trainer: {request.trainer} / {request.model}, {request.epochs} epochs\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n",
         key="training-summary",

@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 
 from tasks.control import ControlWatch
 from tasks.resources import held_resources
+from tasks.storage import CheckpointUploads, checkpoint_mirror, restore_checkpoints
 from tasks.tracking import ensure_active
 from trainers.base import Callback, TrainControl, TrainJob, TrainResult
 from trainers.data.spec import DatasetSpec
@@ -54,15 +55,22 @@ def train_model(
     request, dataset: DatasetSpec, output_dir: Path, run_id: str, request_run_id: str | None = None
 ) -> TrainResult:
     """Train on this host, holding the GPUs the request needs while it trains. A pause or "checkpoint now" asked
-    of the train flow run (`request_run_id`, or this flow run) reaches the trainer through a ControlWatch."""
+    of the train flow run (`request_run_id`, or this flow run) reaches the trainer through a ControlWatch. With an
+    artifact store, the run's checkpoints are fetched from it when this host lacks them, and pushed after each."""
     ensure_active(run_id)
     # Prefect forwards the trainers' logger (PREFECT_LOGGING_EXTRA_LOGGERS) but leaves its level at the root's
     # WARNING, which would drop the per-epoch INFO lines.
     logging.getLogger("trainers").setLevel(logging.INFO)
     control = TrainControl()
+    # With an artifact store, checkpoints another host left there come down first, and each new one goes up.
+    mirror = checkpoint_mirror(request.experiment, str(request_run_id or flow_run.id), output_dir)
+    if mirror is not None:
+        mlflow.set_tag("checkpoints.uri", mirror.uri)
+        restore_checkpoints(mirror)
     with (
-        held_resources(request, output_dir, run_id) as device,
+        CheckpointUploads(mirror) as uploads,  # outermost: the last upload runs after the GPUs are released
+        held_resources(request, output_dir, run_id, str(request_run_id or flow_run.id)) as device,
         ControlWatch(request_run_id or flow_run.id, control) as watch,
     ):
-        job = make_job(request, dataset, device, output_dir, [PrefectProgress(), watch], control)
+        job = make_job(request, dataset, device, output_dir, [PrefectProgress(), watch, uploads], control)
         return get_trainer(request.trainer).train(job)

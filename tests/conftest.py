@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny datasets written into tmp_path with PIL."""
+"""Shared fixtures: tiny datasets written into tmp_path with PIL; the local stack; an S3 endpoint (moto)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from s3_server import ACCESS_KEY, SECRET_KEY, Endpoint, client, client_env, env_applied, start_moto, stop
 
 MakeImage = Callable[..., Path]
 
@@ -98,3 +101,40 @@ def shapes_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("datasets") / "shapes-cls"
     return make_shapes_classification(root, train_per_class=8, val_per_class=4, test_per_class=4, image_size=32)
+
+
+# --- A real S3-compatible endpoint: moto's server mode, once per session (tests/s3_server.py) -------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[Endpoint]:
+    external = os.environ.get("TRAINYARD_TEST_S3_ENDPOINT_URL")
+    if external:
+        yield Endpoint(external, False, os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
+        return
+    proc, url = start_moto()
+    try:
+        yield Endpoint(url, True, ACCESS_KEY, SECRET_KEY)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Endpoint:
+    """Credentials and endpoint in the environment, as a user sets them; nothing from ~/.aws or an instance role."""
+    env_applied(monkeypatch, client_env(s3_endpoint, tmp_path))
+    return s3_endpoint
+
+
+@pytest.fixture
+def s3(s3_env: Endpoint):
+    """A plain boto3 client on the endpoint: how the tests arrange and inspect the bucket behind Trainyard's back."""
+    return client(s3_env)
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    """A new, empty bucket for one test."""
+    name = f"ty-test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name

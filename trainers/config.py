@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infra.storage import s3_uri_problem
 from trainers.registry import TRAINERS, trainer_spec
 
 
@@ -57,7 +58,8 @@ class TrainConfig(StrictModel):
     dataset: str = Field(
         ...,
         description="Dataset root: an ImageFolder directory (train/, val/, optional test/) "
-        "or a YOLO data.yaml (or the directory holding it).",
+        "or a YOLO data.yaml (or the directory holding it); a local path or s3://bucket/prefix "
+        "(synced to a local cache before training).",
     )
     trainer: Literal["torch", "hf-image", "yolo"] = Field("torch", description="Which trainer runs the job.")
     model: str = Field(
@@ -81,6 +83,13 @@ class TrainConfig(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_exists(cls, value: str) -> str:
+        if "://" in value:  # a remote dataset: its shape now, its existence when it is synced (no network here)
+            if problem := s3_uri_problem(value):
+                raise ValueError(
+                    f"dataset {value!r} is not a dataset URI Trainyard can sync: {problem}. Write s3://bucket/prefix "
+                    "(yolo: s3://bucket/prefix/data.yaml or the prefix holding it), or give a local path"
+                )
+            return value.rstrip("/")
         path = Path(value).expanduser()
         if not path.exists():
             raise ValueError(

@@ -1,0 +1,450 @@
+"""Storage against a real S3-compatible server (moto, see conftest.py), and the local backend."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError, ConnectionClosedError
+from s3_server import SECRET_KEY, start_moto, stop
+
+from infra.storage import ChecksumError, StorageError, project_prefix, storage_for
+from infra.storage.local import LocalStorage
+from infra.storage.s3 import S3Storage
+
+MB = 1024 * 1024
+SMALL_PARTS = TransferConfig(multipart_threshold=5 * MB, multipart_chunksize=5 * MB)  # moto's smallest part: 5 MB
+
+
+def put_dataset(s3, bucket: str, prefix: str, count: int = 12) -> dict[str, bytes]:
+    """count images in split/class/ folders, and files at other depths (the listing splits by level)."""
+    files = {
+        f"{'train' if i % 3 else 'val'}/{'cat' if i % 2 else 'dog'}/{i}.png": os.urandom(100 + i) for i in range(count)
+    }
+    files |= {"data.yaml": b"names: [cat, dog]", "train/labels.csv": b"", "train/cat/extra/deep.png": b"deep"}
+    for rel, body in files.items():
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=body)
+    return files
+
+
+def get_counter(storage: S3Storage) -> list[str]:
+    """The object keys Trainyard GETs, as the client sends them."""
+    calls: list[str] = []
+    events = storage.client.meta.events
+    events.register("before-parameter-build.s3.GetObject", lambda params, **_: calls.append(params["Key"]))
+    return calls
+
+
+def stats(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".trainyard")
+    }
+
+
+def expires(url: str) -> str:
+    return parse_qs(urlparse(url).query)["X-Amz-Expires"][0]
+
+
+def random_file(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+# --- dataset sync --------------------------------------------------------------------------------------------
+
+
+def test_sync_downloads_everything_once_then_nothing(s3, bucket, tmp_path):
+    files = put_dataset(s3, bucket, "datasets/pets")
+    s3.put_object(Bucket=bucket, Key="datasets/pets/train/", Body=b"")  # a console "folder": no data, not a file
+    storage = storage_for(f"s3://{bucket}/datasets/pets")
+    gets = get_counter(storage)
+
+    first = storage.sync_to_cache(tmp_path / "cache")
+
+    assert first.path == tmp_path / "cache" / bucket / "datasets/pets"
+    assert (first.downloaded, first.unchanged, first.removed) == (len(files), 0, 0)
+    assert first.bytes_downloaded == sum(len(b) for b in files.values())
+    assert {rel: (first.path / rel).read_bytes() for rel in files} == files
+    assert len(gets) == len(files)
+    before = stats(first.path)
+
+    second = storage.sync_to_cache(tmp_path / "cache")
+
+    assert (second.downloaded, second.unchanged, second.removed) == (0, len(files), 0)
+    assert len(gets) == len(files), "a cache hit sent GET requests"
+    assert stats(second.path) == before  # same inodes, same mtimes: nothing was rewritten
+
+
+def test_sync_fetches_only_what_changed_and_drops_what_was_removed(s3, bucket, tmp_path):
+    files = put_dataset(s3, bucket, "ds")
+    storage = storage_for(f"s3://{bucket}/ds")
+    root = storage.sync_to_cache(tmp_path).path
+    changed, removed = "train/cat/1.png", "val/dog/0.png"
+    s3.put_object(Bucket=bucket, Key=f"ds/{changed}", Body=b"new bytes")
+    s3.put_object(Bucket=bucket, Key="ds/test/bird/new.png", Body=b"a new file")
+    s3.delete_object(Bucket=bucket, Key=f"ds/{removed}")
+    before = stats(root)
+    gets = get_counter(storage)
+
+    result = storage.sync_to_cache(tmp_path)
+
+    assert (result.downloaded, result.removed, result.unchanged) == (2, 1, len(files) - 2)
+    assert sorted(gets) == ["ds/test/bird/new.png", f"ds/{changed}"]
+    assert (root / changed).read_bytes() == b"new bytes"
+    assert (root / "test/bird/new.png").read_bytes() == b"a new file"
+    assert not (root / removed).exists()
+    after = stats(root)
+    untouched = set(files) - {changed, removed}
+    assert {rel: after[rel] for rel in untouched} == {rel: before[rel] for rel in untouched}
+
+
+def test_sync_repairs_a_file_edited_in_the_cache(s3, bucket, tmp_path):
+    files = put_dataset(s3, bucket, "ds", count=3)
+    storage = storage_for(f"s3://{bucket}/ds")
+    root = storage.sync_to_cache(tmp_path).path
+    rel = next(iter(files))
+    (root / rel).write_bytes(bytes(len(files[rel])))  # same size: only the mtime gives it away
+
+    result = storage.sync_to_cache(tmp_path)
+
+    assert result.downloaded == 1
+    assert (root / rel).read_bytes() == files[rel]
+
+
+def test_sync_refuses_a_corrupt_object_and_keeps_no_file(s3, bucket, tmp_path):
+    put_dataset(s3, bucket, "ds", count=4)
+    bad = "train/cat/corrupt.png"
+    s3.put_object(Bucket=bucket, Key=f"ds/{bad}", Body=b"bytes", Metadata={"sha256": "0" * 64})
+    storage = storage_for(f"s3://{bucket}/ds")
+
+    with pytest.raises(ChecksumError, match=f"s3://{bucket}/ds/{bad} failed verification") as error:
+        storage.sync_to_cache(tmp_path)
+
+    root = tmp_path / bucket / "ds"
+    assert "upload it again" in str(error.value)
+    assert not (root / bad).exists()
+    assert not list(root.rglob("*.part")) and not (root / ".trainyard-tmp").exists()
+    # Every other file arrived and is kept, so fixing the object costs one download.
+    assert (root / "data.yaml").exists() and len(stats(root)) == 4 + 3
+    s3.put_object(
+        Bucket=bucket, Key=f"ds/{bad}", Body=b"bytes", Metadata={"sha256": hashlib.sha256(b"bytes").hexdigest()}
+    )
+    assert storage.sync_to_cache(tmp_path).downloaded == 1
+
+
+@pytest.mark.parametrize("layout", ["flat", "wide"])
+def test_sync_lists_every_layout(s3, bucket, tmp_path, monkeypatch, layout):
+    monkeypatch.setattr("infra.storage.s3.LIST_SPLIT_MAX", 3)  # "wide": more folders than the split takes
+    rels = [f"{i}.png" if layout == "flat" else f"class{i}/{i}.png" for i in range(5)] + ["a/b/c/deep.png"]
+    for rel in rels:
+        s3.put_object(Bucket=bucket, Key=f"ds/{rel}", Body=rel.encode())
+
+    result = storage_for(f"s3://{bucket}/ds").sync_to_cache(tmp_path)
+
+    assert result.downloaded == len(rels)
+    assert all((result.path / rel).read_bytes() == rel.encode() for rel in rels)
+
+
+def test_sync_of_an_empty_prefix_says_so(s3, bucket, tmp_path):
+    with pytest.raises(StorageError, match=f"No objects under s3://{bucket}/typo/"):
+        storage_for(f"s3://{bucket}/typo").sync_to_cache(tmp_path)
+
+
+# --- checkpoints: upload, pointer, download --------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_is_verified(s3, bucket, tmp_path):
+    storage = S3Storage(bucket, "proj/checkpoints/run-1", transfer=SMALL_PARTS)
+    ckpt = random_file(tmp_path / "last.pt", 12 * MB)  # 3 parts
+
+    stored = storage.upload_file(ckpt, "last.pt", pointer="latest.json")
+
+    head = s3.head_object(Bucket=bucket, Key="proj/checkpoints/run-1/last.pt")
+    assert head["ETag"].endswith('-3"')  # multipart
+    assert head["Metadata"]["sha256"] == stored.sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert storage.read_pointer("latest.json") == stored
+    dest = storage.download_file(stored.key, tmp_path / "restore" / "last.pt")
+    assert dest.read_bytes() == ckpt.read_bytes()
+
+    with pytest.raises(ChecksumError, match="failed verification"):
+        storage.download_file(stored.key, tmp_path / "other.pt", sha256="f" * 64)
+    assert not (tmp_path / "other.pt").exists() and not list(tmp_path.glob(".other.pt*"))
+
+
+def test_download_refuses_bytes_that_do_not_match_their_sha256(s3, bucket, tmp_path):
+    s3.put_object(Bucket=bucket, Key="m/model.onnx", Body=b"model", Metadata={"sha256": "0" * 64})
+    dest = tmp_path / "model.onnx"
+
+    with pytest.raises(ChecksumError, match=f"s3://{bucket}/m/model.onnx failed verification"):
+        storage_for(f"s3://{bucket}/m").download_file("model.onnx", dest)
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_upload_leaves_nothing_and_the_pointer_where_it_was(s3, bucket, tmp_path):
+    storage = S3Storage(bucket, "ck", transfer=SMALL_PARTS)
+    first = storage.upload_file(random_file(tmp_path / "a.pt", 1000), "step-1.pt", pointer="latest.json")
+    parts = []
+
+    def fail_third_part(**_):
+        parts.append(1)
+        if len(parts) == 3:
+            raise ConnectionResetError("injected: the network dropped mid-upload")
+
+    storage.client.meta.events.register("before-call.s3.UploadPart", fail_third_part)
+    with pytest.raises(ConnectionResetError):
+        storage.upload_file(random_file(tmp_path / "b.pt", 40 * MB), "step-2.pt", pointer="latest.json")
+
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket=bucket, Key="ck/step-2.pt")
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # s3transfer aborted it
+    assert storage.read_pointer("latest.json") == first
+
+
+def test_killed_upload_is_never_the_latest_and_a_retry_succeeds(s3, bucket, tmp_path):
+    storage = storage_for(f"s3://{bucket}/ck")
+    first = storage.upload_file(random_file(tmp_path / "a.pt", 1000), "step-1.pt", pointer="latest.json")
+    ckpt = random_file(tmp_path / "b.pt", 40 * MB)
+    worker = Path(__file__).with_name("slow_upload.py")
+    proc = subprocess.Popen([sys.executable, str(worker), bucket, "ck", str(ckpt), "step-2.pt", "latest.json"])
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # kill it once a part has landed: a real multipart upload is half done
+            uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+            if uploads and s3.list_parts(Bucket=bucket, Key="ck/step-2.pt", UploadId=uploads[0]["UploadId"]).get(
+                "Parts"
+            ):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket=bucket, Key="ck/step-2.pt")
+    assert storage.read_pointer("latest.json") == first
+    assert len(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1  # the dead one, invisible
+
+    second = storage.upload_file(ckpt, "step-2.pt", pointer="latest.json")  # the retry
+
+    assert storage.read_pointer("latest.json") == second
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # the dead upload was aborted
+    assert storage.download_file("step-2.pt", tmp_path / "restored.pt").read_bytes() == ckpt.read_bytes()
+
+
+def test_a_part_that_fails_once_is_retried_by_botocore(s3, bucket, tmp_path):
+    storage = S3Storage(bucket, "ck", transfer=SMALL_PARTS)
+    failures = []
+
+    def drop_once(request, **_):
+        if "partNumber=2" in request.url and not failures:
+            failures.append(request.url)
+            raise ConnectionClosedError(endpoint_url=request.url)  # what a reset connection raises
+
+    storage.client.meta.events.register("before-send.s3.UploadPart", drop_once)
+    ckpt = random_file(tmp_path / "c.pt", 12 * MB)
+
+    stored = storage.upload_file(ckpt, "c.pt")
+
+    assert failures, "the failure was never injected"
+    assert storage.download_file(stored.key, tmp_path / "back.pt").read_bytes() == ckpt.read_bytes()
+
+
+# --- presigned URLs -------------------------------------------------------------------------------------------
+
+
+def test_presigned_url_serves_the_exact_bytes_over_http(s3, bucket, tmp_path):
+    storage = storage_for(f"s3://{bucket}/models")
+    body = os.urandom(3000)
+    storage.upload_file(_write(tmp_path / "m.onnx", body), "m.onnx")
+
+    url = storage.presigned_url("m.onnx", expires_s=90)
+
+    assert urllib.request.urlopen(url, timeout=10).read() == body
+    assert expires(url) == "90" and parse_qs(urlparse(url).query)["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert SECRET_KEY not in url
+
+
+def test_presigned_url_expiry_defaults_and_limits(s3, bucket, tmp_path, monkeypatch):
+    storage = storage_for(f"s3://{bucket}/models")
+    storage.upload_file(_write(tmp_path / "m.onnx", b"m"), "m.onnx")
+    assert expires(storage.presigned_url("m.onnx")) == "86400"
+    monkeypatch.setenv("TRAINYARD_PRESIGNED_URL_EXPIRES_S", "600")
+    assert expires(storage_for(f"s3://{bucket}/models").presigned_url("m.onnx")) == "600"
+    with pytest.raises(StorageError, match="1 s to 7 days"):
+        storage.presigned_url("m.onnx", expires_s=8 * 24 * 3600)
+    with pytest.raises(StorageError, match=f"No object at s3://{bucket}/models/missing.onnx"):
+        storage.presigned_url("missing.onnx")
+
+
+def test_expired_presigned_url_is_refused(s3_env, s3, bucket, tmp_path):
+    if s3_env.is_moto:
+        pytest.skip("moto 5.2.5 does not check presigned URL expiry; set TRAINYARD_TEST_S3_ENDPOINT_URL to a MinIO")
+    storage = storage_for(f"s3://{bucket}/models")
+    storage.upload_file(_write(tmp_path / "m.onnx", b"model"), "m.onnx")
+    url = storage.presigned_url("m.onnx", expires_s=1)
+    time.sleep(2)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(url, timeout=10)
+    assert error.value.code == 403
+
+
+# --- layout, configuration and errors -------------------------------------------------------------------------
+
+
+def test_project_prefixes_isolate_experiments(s3, bucket, tmp_path):
+    base = f"s3://{bucket}/trainyard"
+    cats, cats_v2 = storage_for(project_prefix(base, "cats")), storage_for(project_prefix(base, "cats-v2"))
+    cats.upload_file(_write(tmp_path / "a", b"cats"), "data/x.bin", pointer="latest.json")
+    cats_v2.upload_file(_write(tmp_path / "b", b"cats v2"), "data/x.bin", pointer="latest.json")
+
+    synced = cats.sync_to_cache(tmp_path / "cache")
+
+    assert sorted(stats(synced.path)) == ["data/x.bin", "latest.json"]
+    assert (synced.path / "data/x.bin").read_bytes() == b"cats"
+    assert cats.read_pointer("latest.json").uri == f"{base}/cats/data/x.bin"
+    assert cats_v2.read_pointer("latest.json").uri == f"{base}/cats-v2/data/x.bin"
+    # Names that are not one safe path segment still get one, distinct per name.
+    odd = {project_prefix(base, name) for name in ("Cats vs Dogs", "cats/vs/dogs", "cats vs dogs", "..")}
+    assert len(odd) == 4 and all(p.count("/") == base.count("/") + 1 for p in odd)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("gs://bucket/x", "Unsupported storage URI 'gs://bucket/x'"),
+        ("s3:///prefix", "is not an S3 URI: write s3://bucket/prefix"),
+        ("s3://My_Bucket/x", "'My_Bucket' is not an S3 bucket name: 3-63 characters"),
+        ("s3://bucket/a/../b", "is not a relative path inside the storage root"),
+    ],
+)
+def test_bad_uris_are_refused_with_the_rule(uri, message):
+    with pytest.raises(StorageError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        storage_for(uri)
+
+
+def test_missing_bucket_names_the_bucket_and_the_fix(s3_env, tmp_path):
+    storage = storage_for("s3://no-such-bucket-ty/ds")
+    with pytest.raises(StorageError, match="Bucket 'no-such-bucket-ty' does not exist .* Create it"):
+        storage.sync_to_cache(tmp_path)
+    with pytest.raises(StorageError, match="Bucket 'no-such-bucket-ty' does not exist"):
+        storage.download_file("x.pt", tmp_path / "x.pt")
+
+
+def test_missing_credentials_name_where_they_come_from(s3_env, monkeypatch, tmp_path):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(
+        StorageError, match="No S3 credentials found .*AWS_ACCESS_KEY_ID.*TRAINYARD_S3_CREDENTIALS_BLOCK"
+    ):
+        storage_for("s3://some-bucket/ds").sync_to_cache(tmp_path)
+
+
+def test_wrong_credentials_are_explained_without_the_secret(s3_env, monkeypatch, tmp_path, caplog):
+    if not s3_env.is_moto:
+        pytest.skip("needs a moto server with authentication on")
+    proc, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # this one checks every access key
+    try:
+        monkeypatch.setenv("TRAINYARD_S3_ENDPOINT_URL", url)
+        caplog.set_level(logging.DEBUG)
+        storage = storage_for("s3://any-bucket/ck")
+        with pytest.raises(StorageError) as upload:
+            storage.upload_file(_write(tmp_path / "a.pt", b"x"), "a.pt")
+        with pytest.raises(StorageError) as sync:
+            storage.sync_to_cache(tmp_path / "cache")
+    finally:
+        stop(proc)
+    for error in (upload.value, sync.value):
+        assert "does not know the access key id from the environment" in str(error)
+        assert "AWS_SECRET_ACCESS_KEY" in str(error) and SECRET_KEY not in str(error)
+        assert error.__cause__ is None and error.__suppress_context__  # one line, no boto traceback chain
+    assert caplog.records and SECRET_KEY not in caplog.text
+
+
+def test_the_secret_never_reaches_logs_pickles_or_reprs(s3, bucket, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)  # botocore's own debug logging included
+    put_dataset(s3, bucket, "ds", count=3)
+    storage = storage_for(f"s3://{bucket}/ds")
+    storage.sync_to_cache(tmp_path)
+    stored = storage.upload_file(_write(tmp_path / "m.pt", b"m"), "m.pt", pointer="latest.json")
+    url = storage.presigned_url(stored.key)
+    errors = []
+    for bad in (
+        lambda: storage.download_file("missing.pt", tmp_path / "x"),
+        lambda: storage_for("s3://nope-ty/x").sync_to_cache(tmp_path),
+    ):
+        with pytest.raises(StorageError) as error:
+            bad()
+        errors.append(str(error.value))
+
+    clone = pickle.loads(pickle.dumps(storage))  # what a Prefect result or a subprocess would carry
+    assert clone.read_pointer("latest.json") == stored
+    for text in (caplog.text, url, repr(storage), stored.to_json(), *errors):
+        assert SECRET_KEY not in text
+    assert SECRET_KEY.encode() not in pickle.dumps(storage)
+    assert "upload" in caplog.text  # the logs were captured at all
+
+
+def test_credentials_from_a_prefect_block(stack, s3_env, s3, bucket, monkeypatch, tmp_path, caplog):
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    name = f"ty-s3-{bucket[-8:]}"
+    AwsCredentials(
+        aws_access_key_id=s3_env.access_key,
+        aws_secret_access_key=s3_env.secret_key,
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=s3_env.url),
+    ).save(name)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "TRAINYARD_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("TRAINYARD_S3_CREDENTIALS_BLOCK", name)
+    caplog.set_level(logging.DEBUG)
+
+    storage = storage_for(f"s3://{bucket}/ck")
+    stored = storage.upload_file(_write(tmp_path / "m.pt", b"from the block"), "m.pt")
+
+    assert s3.get_object(Bucket=bucket, Key="ck/m.pt")["Body"].read() == b"from the block"
+    assert stored.sha256 == hashlib.sha256(b"from the block").hexdigest()
+    assert SECRET_KEY not in caplog.text and SECRET_KEY.encode() not in pickle.dumps(storage)
+    monkeypatch.setenv("TRAINYARD_S3_CREDENTIALS_BLOCK", "no-such-block")
+    with pytest.raises(StorageError, match="Cannot load the Prefect AwsCredentials block 'no-such-block'"):
+        storage_for(f"s3://{bucket}/ck").upload_file(tmp_path / "m.pt", "n.pt")
+
+
+# --- the local backend ----------------------------------------------------------------------------------------
+
+
+def test_local_storage_round_trip_and_checksum(tmp_path):
+    storage = storage_for(str(tmp_path / "store"))
+    assert isinstance(storage, LocalStorage) and storage_for(storage.uri).root == storage.root
+    stored = storage.upload_file(_write(tmp_path / "m.pt", b"weights"), "ck/m.pt", pointer="ck/latest.json")
+
+    assert storage.read_pointer("ck/latest.json") == stored
+    assert storage.download_file("ck/m.pt", tmp_path / "back.pt").read_bytes() == b"weights"
+    assert storage.sync_to_cache(tmp_path / "cache").path == storage.root  # used in place, nothing copied
+    (storage.root / "ck/m.pt").write_bytes(b"weightz")  # bit rot
+    with pytest.raises(ChecksumError, match="does not match its sha256"):
+        storage.download_file("ck/m.pt", tmp_path / "again.pt")
+    assert not (tmp_path / "again.pt").exists()
+
+
+def _write(path: Path, body: bytes) -> Path:
+    path.write_bytes(body)
+    return path
