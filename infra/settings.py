@@ -1,34 +1,190 @@
-"""Where the local stack lives and how to reach it. Environment variables override every default."""
+"""Where the stack lives and how to reach it. Environment variables override every default.
+
+The embedded default keeps everything on this host: SQLite databases and local artifact files under TRAINYARD_HOME.
+Two settings switch to the shared setup (docs/scale-out.md), each on its own:
+
+    TRAINYARD_DATABASE_URL=postgresql://user@host:5432/trainyard   Prefect, MLflow and the platform store on PostgreSQL
+    TRAINYARD_ARTIFACT_STORE=s3://bucket/prefix                    MLflow artifacts (proxied) and Prefect results on S3
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
+
+RESULTS_BLOCK = "trainyard-results"  # the prefect-aws S3Bucket block every flow run persists its results to
+CREDENTIALS_BLOCK = "trainyard-s3"  # the AwsCredentials block it uses, unless TRAINYARD_S3_CREDENTIALS_BLOCK names one
+_DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,53}$")  # + "_prefect" stays within PostgreSQL's 63 characters
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work, named with the fix; never shows a password."""
+
+
+@dataclass(frozen=True)
+class Database:
+    """The PostgreSQL server of the shared setup: Prefect, MLflow and the platform store each get a database.
+
+    `TRAINYARD_DATABASE_URL=postgresql://user@host:5432/trainyard` gives the databases trainyard (platform store),
+    trainyard_prefect and trainyard_mlflow. Every URL built from it leaves the password out: the processes that
+    connect get it as PGPASSWORD (read by libpq and asyncpg alike), so it never shows in a command line, a log or
+    the env file.
+    """
+
+    host: str
+    port: int
+    user: str | None
+    name: str
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> Database:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError):
+            raise SettingsError(
+                "TRAINYARD_DATABASE_URL is not a database URL; write postgresql://user@host:5432/trainyard"
+            ) from None
+        shown = parsed.render_as_string(hide_password=True)
+        if parsed.get_backend_name() not in ("postgresql", "postgres"):
+            raise SettingsError(
+                f"TRAINYARD_DATABASE_URL must name a PostgreSQL server (postgresql://user@host:5432/trainyard), not "
+                f"{parsed.get_backend_name()!r} ({shown}); leave it unset for the embedded SQLite databases"
+            )
+        if not parsed.host:
+            raise SettingsError(f"TRAINYARD_DATABASE_URL has no host: {shown}; write postgresql://user@host:5432/db")
+        if parsed.query:
+            raise SettingsError(
+                f"TRAINYARD_DATABASE_URL takes no query parameters ({shown}): give TLS and other connection options "
+                "as libpq environment variables (PGSSLMODE, PGSSLROOTCERT, ...), which every server here reads"
+            )
+        name = parsed.database or "trainyard"
+        if not _DATABASE_NAME.match(name):
+            raise SettingsError(
+                f"database name {name!r} in TRAINYARD_DATABASE_URL: use lowercase letters, digits and '_' "
+                "(at most 54 characters); Trainyard adds _prefect and _mlflow to it"
+            )
+        return cls(parsed.host, parsed.port or 5432, parsed.username, name, parsed.password)
+
+    def url(self, driver: str = "postgresql", database: str | None = None) -> str:
+        """A SQLAlchemy URL of one of the databases, without the password."""
+        user = f"{self.user}@" if self.user else ""
+        return f"{driver}://{user}{self.host}:{self.port}/{database or self.name}"
+
+    @property
+    def prefect_database(self) -> str:
+        return f"{self.name}_prefect"
+
+    @property
+    def mlflow_database(self) -> str:
+        return f"{self.name}_mlflow"
+
+    @property
+    def databases(self) -> list[str]:
+        return [self.name, self.prefect_database, self.mlflow_database]
+
+    def env(self) -> dict[str, str]:
+        """The secret part, for the processes that connect (servers, workers), never for client_env()."""
+        return {"PGPASSWORD": self.password} if self.password else {}
+
+    def __str__(self) -> str:
+        return self.url()
+
+
+@dataclass(frozen=True)
+class ArtifactStore:
+    """An S3 location for the shared setup: MLflow artifacts under <prefix>/mlflow, Prefect results under
+    <prefix>/prefect-results. Credentials never come from here: the control host's environment, or a block."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> ArtifactStore | None:
+        """The S3 store a URI names; None for a local path or file:// URI (everything then stays on the host)."""
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            return None
+        if parsed.scheme != "s3" or not parsed.netloc or parsed.query or "@" in parsed.netloc:
+            raise SettingsError(
+                f"TRAINYARD_ARTIFACT_STORE must be s3://bucket/prefix or a local directory, not {parsed.scheme}://..."
+            )
+        prefix = parsed.path.strip("/")
+        if ".." in prefix.split("/"):
+            raise SettingsError("TRAINYARD_ARTIFACT_STORE: a prefix cannot contain '..'")
+        return cls(parsed.netloc, prefix)
+
+    def uri(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, *(p for p in (self.prefix, *parts) if p)])
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    @property
+    def mlflow_destination(self) -> str:
+        return self.uri("mlflow")
+
+    @property
+    def results_folder(self) -> str:
+        return self.key("prefect-results")
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint, as infra.storage reads it (None: AWS itself)."""
+    env = os.environ
+    return env.get("TRAINYARD_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
 
 
 @dataclass(frozen=True)
 class Settings:
     home: Path  # all local state: databases, artifacts, runs, logs, pids (git-ignored)
-    host: str
+    host: str  # how every process, on this host or another, reaches the servers
     prefect_port: int
     mlflow_port: int
     work_pool: str
+    bind_host: str | None = None  # where the servers listen (0.0.0.0 on a control host); default: host
+    database: Database | None = None  # PostgreSQL (shared setup); None: SQLite under home
+    artifact_store: ArtifactStore | None = None  # S3 (shared setup); None: local files under home
+    credentials_block: str | None = None  # TRAINYARD_S3_CREDENTIALS_BLOCK, a block of the user's; None: trainyard-s3
+    own_store_url: bool = False  # TRAINYARD_STORE_URL is set: the platform store is elsewhere, not in `database`
 
     @classmethod
-    def from_env(cls) -> Settings:
-        env = os.environ
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """From this process's environment, or from `env`: another host's, as a test or a tool sees it."""
+        env = os.environ if env is None else env
+        database_url = env.get("TRAINYARD_DATABASE_URL", "").strip()
         return cls(
             home=Path(env.get("TRAINYARD_HOME", ROOT / ".trainyard")).resolve(),
             host=env.get("TRAINYARD_HOST", "127.0.0.1"),
             prefect_port=int(env.get("TRAINYARD_PREFECT_PORT", "4200")),
             mlflow_port=int(env.get("TRAINYARD_MLFLOW_PORT", "5000")),
             work_pool=env.get("TRAINYARD_WORK_POOL", "trainyard-local"),
+            bind_host=env.get("TRAINYARD_BIND_HOST") or None,
+            database=Database.parse(database_url) if database_url else None,
+            artifact_store=ArtifactStore.parse(env.get("TRAINYARD_ARTIFACT_STORE", "").strip()),
+            credentials_block=env.get("TRAINYARD_S3_CREDENTIALS_BLOCK") or None,
+            own_store_url=bool(env.get("TRAINYARD_STORE_URL")),
         )
+
+    @property
+    def s3_credentials_block(self) -> str:
+        """The AwsCredentials block flow runs use for S3: the user's, or the one `up` makes from its environment."""
+        return self.credentials_block or CREDENTIALS_BLOCK
+
+    @property
+    def listen_host(self) -> str:
+        return self.bind_host or self.host
 
     @property
     def prefect_ui(self) -> str:
@@ -55,8 +211,10 @@ class Settings:
         return self.home / "runs"
 
     def client_env(self) -> dict[str, str]:
-        """What a process needs to talk to this stack (the worker, the CLI, the demo)."""
+        """What a process needs to talk to this stack (the worker, the CLI, the demo). Never a secret: the env file
+        and `python -m infra.stack env` print it."""
         return {
+            **self._shared_env(),
             "TRAINYARD_HOME": str(self.home),
             "TRAINYARD_ROOT": str(ROOT),
             "PREFECT_API_URL": self.prefect_api,
@@ -70,3 +228,19 @@ class Settings:
             # ...and stays quiet about them when a trainer runs outside any flow (a script, a notebook).
             "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         }
+
+    def _shared_env(self) -> dict[str, str]:
+        env = {}
+        if self.database and not self.own_store_url:
+            # Compute profiles and the attempts ledger: one store for every host (infra/store.py).
+            env["TRAINYARD_STORE_URL"] = self.database.url("postgresql+psycopg")
+        if self.artifact_store:
+            env.update(
+                TRAINYARD_ARTIFACT_STORE=self.artifact_store.uri(),
+                # Every flow run persists its results to S3, so a run can resume on any host.
+                PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
+                PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=f"s3-bucket/{RESULTS_BLOCK}",
+                # S3 credentials reach flow runs from this Prefect block (infra/storage), not from their environment.
+                TRAINYARD_S3_CREDENTIALS_BLOCK=self.s3_credentials_block,
+            )
+        return env

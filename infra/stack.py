@@ -1,7 +1,11 @@
-"""The embedded local stack: Prefect server (SQLite), MLflow tracking server (SQLite + local artifacts), one
-process worker. All state lives under TRAINYARD_HOME (default .trainyard/ in the repo).
+"""The stack: Prefect server, MLflow tracking server, a process worker and its warm start. Local state (logs, pids,
+runs, and by default the SQLite databases and the artifact files) lives under TRAINYARD_HOME (default .trainyard/).
 
-    python -m infra.stack up | down | status | env
+    python -m infra.stack up [--role all|control|worker] [--pool POOL] [--name NAME] [--limit N] | down | status | env
+
+Roles: `all` (default) is everything on one host; `control` the servers only; `worker` a worker and its warm start
+on a training host, for the servers at TRAINYARD_HOST. TRAINYARD_DATABASE_URL (PostgreSQL) and
+TRAINYARD_ARTIFACT_STORE (s3://) switch the servers to the shared setup (infra/settings.py, docs/scale-out.md).
 
 `up` is idempotent: a service already running from this stack is reused; a port held by something else is
 reported with the process that holds it and how to pick another port.
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -24,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from infra.automations import HEARTBEAT_S, ensure_zombie_automation
-from infra.settings import ROOT, Settings
+from infra.settings import RESULTS_BLOCK, ROOT, Database, Settings, SettingsError, s3_endpoint_url
 
 BIN = Path(sys.executable).parent
 
@@ -42,49 +47,61 @@ class Service:
     extra_env: dict[str, str]
 
 
+ROLES = ("all", "control", "worker")
+
+
 def services(settings: Settings) -> list[Service]:
-    home = settings.home
+    """The Prefect server, the MLflow server, the worker of the local pool and its warm start, in start order."""
     return [
-        Service(
-            "prefect-server",
-            [
-                str(BIN / "prefect"),
-                "server",
-                "start",
-                "--host",
-                settings.host,
-                "--port",
-                str(settings.prefect_port),
-            ],
-            settings.prefect_port,
-            f"{settings.prefect_api}/health",
-            {"PREFECT_HOME": str(home / "prefect"), "PREFECT_UI_API_URL": settings.prefect_api},
-        ),
-        Service(
-            "mlflow-server",
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                settings.host,
-                "--port",
-                str(settings.mlflow_port),
-                "--workers",
-                "1",  # the default 4 is too many for a 2-core box
-                "--backend-store-uri",
-                f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(home / "mlflow" / "artifacts"),
-                "--allowed-hosts",
-                f"{settings.host}:{settings.mlflow_port},localhost:{settings.mlflow_port}",
-            ],
-            settings.mlflow_port,
-            f"{settings.mlflow_uri}/health",
-            {},
-        ),
+        prefect_server_service(settings),
+        mlflow_server_service(settings),
         worker_service(settings, settings.work_pool),
         warm_start_service(settings),
     ]
+
+
+def prefect_server_service(settings: Settings) -> Service:
+    """SQLite under TRAINYARD_HOME, or the <name>_prefect database of TRAINYARD_DATABASE_URL."""
+    env = {"PREFECT_HOME": str(settings.home / "prefect"), "PREFECT_UI_API_URL": settings.prefect_api}
+    if settings.database:
+        database = settings.database
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database.url("postgresql+asyncpg", database.prefect_database)
+        env.update(database.env())
+    argv = [str(BIN / "prefect"), "server", "start", "--host", settings.listen_host]
+    argv += ["--port", str(settings.prefect_port)]
+    return Service("prefect-server", argv, settings.prefect_port, f"{settings.prefect_api}/health", env)
+
+
+def mlflow_server_service(settings: Settings) -> Service:
+    """Runs and models in SQLite or the <name>_mlflow database; artifacts in a local directory or, proxied, on S3:
+    clients send them to this server, which alone holds S3 credentials (from its environment)."""
+    home, env = settings.home, {}
+    backend = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    destination = str(home / "mlflow" / "artifacts")
+    if settings.database:
+        backend = settings.database.url("postgresql+psycopg", settings.database.mlflow_database)
+        env.update(settings.database.env())
+    if settings.artifact_store:
+        destination = settings.artifact_store.mlflow_destination
+        if s3_endpoint_url():
+            env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url()
+    argv = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        settings.listen_host,
+        "--port",
+        str(settings.mlflow_port),
+        "--workers",
+        "1",  # the default 4 is too many for a 2-core box
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        destination,
+        "--allowed-hosts",
+        f"{settings.host}:{settings.mlflow_port},localhost:{settings.mlflow_port}",
+    ]
+    return Service("mlflow-server", argv, settings.mlflow_port, f"{settings.mlflow_uri}/health", env)
 
 
 def warm_start_service(settings: Settings) -> Service:
@@ -108,27 +125,31 @@ def _run_env(settings: Settings) -> dict[str, str]:
         # The job command `python -m infra.warm_start` (infra/work_pools.py) is this virtualenv's Python.
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "TRAINYARD_WARM_SOCKET": str(settings.warm_socket),
+        # The platform store on PostgreSQL (shared setup): its password, if the URL has one.
+        **(settings.database.env() if settings.database else {}),
     }
 
 
 def worker_service(
-    settings: Settings, pool: str, kind: str = "process", extra_env: dict[str, str] | None = None
+    settings: Settings,
+    pool: str,
+    kind: str = "process",
+    extra_env: dict[str, str] | None = None,
+    *,
+    name: str | None = None,
+    limit: int | None = None,
 ) -> Service:
-    """A Prefect worker for `pool` (the local pool by default; tests and GPU hosts start more)."""
-    name = "worker" if pool == settings.work_pool else f"worker-{pool}"
+    """A Prefect worker for `pool` (the local pool by default; tests and GPU hosts start more). `name` is the
+    worker's name on the server (default <hostname>-<pool>: two workers of one pool need two names); `limit`
+    caps the flow runs it runs at once and leaves the rest to the pool's other workers."""
+    service_name = "worker" if pool == settings.work_pool else f"worker-{pool}"
+    argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", kind]
+    argv += ["--name", name or f"{socket.gethostname()}-{pool}"]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
     return Service(
-        name,
-        [
-            str(BIN / "prefect"),
-            "worker",
-            "start",
-            "--pool",
-            pool,
-            "--type",
-            kind,
-            "--name",
-            f"{socket.gethostname()}-{pool}",
-        ],
+        service_name,
+        argv,
         None,
         None,
         {
@@ -206,7 +227,7 @@ def start(settings: Settings, service: Service) -> None:
     print(f"  {service.name}: started (pid {process.pid}, log {logs / (service.name + '.log')})")
 
 
-def _wait_healthy(settings: Settings, service: Service, timeout: float = 120) -> None:
+def _wait_healthy(settings: Settings, service: Service, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _healthy(service.health_url):
@@ -246,24 +267,199 @@ def write_env_file(settings: Settings) -> Path:
     return path
 
 
-def up(settings: Settings, worker: bool = True) -> None:
-    print(f"Starting the Trainyard stack (state in {settings.home})")
+def up(
+    settings: Settings,
+    worker: bool = True,
+    *,
+    role: str | None = None,
+    worker_name: str | None = None,
+    limit: int | None = None,
+) -> None:
+    """Start this host's part of the stack: `all`, `control` (servers; also `worker=False`) or `worker`."""
+    role = role or ("all" if worker else "control")
+    print(f"Starting the Trainyard stack, role {role} (state in {settings.home})")
     settings.home.mkdir(parents=True, exist_ok=True)
     (settings.home / "mlflow").mkdir(exist_ok=True)
     os.environ.update(settings.client_env())
-    servers, worker_service, warm_start = services(settings)[:2], services(settings)[2], services(settings)[3]
-    for service in servers:  # start both, then wait: they boot in parallel
-        start(settings, service)
-    for service in servers:
-        _wait_healthy(settings, service)
+    if settings.database:
+        os.environ.update(settings.database.env())  # this process creates the store's tables
+    if role == "worker":
+        check_control_host(settings)
+    else:
+        prepare_shared_storage(settings)  # databases and bucket first: a wrong setting fails before anything starts
+        servers = services(settings)[:2]
+        for service in servers:  # start both, then wait: they boot in parallel
+            start(settings, service)
+        for service in servers:
+            _wait_healthy(settings, service)
     ensure_work_pool(settings)
-    if ensure_zombie_automation():
-        print("  automation: zombie runs are marked Crashed after 60 s without a heartbeat")
-    if worker:
-        start(settings, warm_start)
-        start(settings, worker_service)
+    if role != "worker":
+        if ensure_zombie_automation():
+            print("  automation: zombie runs are marked Crashed after 60 s without a heartbeat")
+        if settings.artifact_store:
+            ensure_result_storage(settings)
+        if settings.database:
+            from infra.store import Store
+
+            Store()  # its tables, once here: twenty flow runs creating them at once would race
+    elif settings.artifact_store:
+        check_result_storage(settings)
+    if role != "control":
+        start(settings, warm_start_service(settings))
+        start(settings, worker_service(settings, settings.work_pool, name=worker_name, limit=limit))
     env_file = write_env_file(settings)
     print(f"Prefect UI  {settings.prefect_ui}\nMLflow UI   {settings.mlflow_uri}\nCLI env     source {env_file}")
+
+
+# --- the shared setup: PostgreSQL and S3 ------------------------------------------------------------------------
+
+
+def prepare_shared_storage(settings: Settings) -> None:
+    if settings.database:
+        created = ensure_databases(settings.database)
+        print(
+            f"  database: {settings.database} (PostgreSQL; {', '.join(settings.database.databases)}"
+            + (f"; created {', '.join(created)})" if created else ")")
+        )
+    if settings.artifact_store:
+        check_artifact_store(settings)
+        store = settings.artifact_store
+        print(
+            f"  artifacts: {store.uri()} (MLflow artifacts proxied to {store.mlflow_destination}, "
+            f"Prefect results in {store.uri('prefect-results')})"
+        )
+
+
+def _connect_postgres(database: Database):
+    """A connection to a maintenance database of the server, or a StackError saying why not (never the password)."""
+    import psycopg
+
+    where = f"PostgreSQL at {database.host}:{database.port} (TRAINYARD_DATABASE_URL={database})"
+    problem = ""
+    for dbname in ("postgres", database.name, "template1"):
+        try:
+            return psycopg.connect(
+                host=database.host,
+                port=database.port,
+                user=database.user,
+                password=database.password,
+                dbname=dbname,
+                connect_timeout=5,
+                autocommit=True,
+            )
+        except psycopg.OperationalError as error:
+            problem = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            if database.password:
+                problem = problem.replace(database.password, "***")
+            if "does not exist" not in problem:  # unreachable, refused, authentication: another database won't help
+                break
+    raise StackError(
+        f"{where} cannot be reached: {problem}. Start PostgreSQL, or fix the host, port or user in "
+        "TRAINYARD_DATABASE_URL (give a password as PGPASSWORD or in ~/.pgpass); unset it for the embedded SQLite"
+    )
+
+
+def ensure_databases(database: Database) -> list[str]:
+    """Create the store's, Prefect's and MLflow's databases where missing; the names created."""
+    import psycopg
+    from psycopg import sql
+
+    created = []
+    with _connect_postgres(database) as connection:
+        rows = connection.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)", [database.databases])
+        existing = {row[0] for row in rows}
+        for name in database.databases:
+            if name in existing:
+                continue
+            try:
+                connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                created.append(name)
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another `up` made it meanwhile
+            except psycopg.errors.InsufficientPrivilege:
+                user = database.user or "<user>"
+                raise StackError(
+                    f"PostgreSQL user {user} may not create the database {name} ({database}). Create "
+                    f"{', '.join(database.databases)} once as an administrator (createdb -O {user} {name}), or "
+                    f"grant it: ALTER ROLE {user} CREATEDB"
+                ) from None
+    return created
+
+
+def check_artifact_store(settings: Settings) -> None:
+    """The bucket exists and this host's credentials reach it: the MLflow server will write there with them."""
+    from infra.storage import StorageError
+    from infra.storage.s3 import S3Settings, S3Storage
+    from infra.storage.s3_errors import translated_errors
+
+    store = settings.artifact_store
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    try:
+        storage = S3Storage(store.bucket, store.prefix, S3Settings(endpoint_url=s3_endpoint_url(), region=region))
+        with translated_errors(storage, "reach the artifact store", ""):
+            storage.client.head_bucket(Bucket=store.bucket)
+    except StorageError as error:
+        raise StackError(f"TRAINYARD_ARTIFACT_STORE={store.uri()}: {error}") from None
+
+
+def ensure_result_storage(settings: Settings) -> None:
+    """The S3Bucket block every flow run persists its results to (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK), with the
+    credentials block it uses: the one TRAINYARD_S3_CREDENTIALS_BLOCK names, else `trainyard-s3` made from this
+    host's environment. Flow runs load both from the Prefect API: training hosts need no S3 credentials."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    if settings.credentials_block:
+        try:
+            credentials = AwsCredentials.load(settings.credentials_block)
+        except ValueError:
+            raise StackError(
+                f"TRAINYARD_S3_CREDENTIALS_BLOCK={settings.credentials_block}: no AwsCredentials block of that name "
+                "on the Prefect server. Create it (docs/storage.md), or unset the variable to use this host's "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ) from None
+    else:
+        env = os.environ
+        credentials = AwsCredentials(
+            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint_url()),
+        )
+        credentials.save(settings.s3_credentials_block, overwrite=True)  # follows the keys when they are rotated
+    store = settings.artifact_store
+    bucket = S3Bucket(bucket_name=store.bucket, bucket_folder=store.results_folder, credentials=credentials)
+    bucket.save(RESULTS_BLOCK, overwrite=True)
+    print(f"  result storage: s3-bucket/{RESULTS_BLOCK} (credentials aws-credentials/{settings.s3_credentials_block})")
+
+
+def check_result_storage(settings: Settings) -> None:
+    """The control host made the results block (a worker host cannot: it has no S3 credentials)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:  # no secrets read, no block-loaded event sent
+            client.read_block_document_by_name(RESULTS_BLOCK, "s3-bucket", include_secrets=False)
+    except ObjectNotFound:
+        raise StackError(
+            f"the Prefect server at {settings.prefect_api} has no s3-bucket/{RESULTS_BLOCK} block for flow results: "
+            "start the control host with the same TRAINYARD_ARTIFACT_STORE (python -m infra.stack up --role control)"
+        ) from None
+
+
+def check_control_host(settings: Settings) -> None:
+    """A worker host needs the control host's servers: say which one does not answer, and how to point at it."""
+    for name, url in (
+        ("Prefect server", settings.prefect_api),
+        ("MLflow server", settings.client_env()["MLFLOW_TRACKING_URI"]),
+    ):
+        if not _healthy(f"{url}/health"):
+            raise StackError(
+                f"the {name} at {url} does not answer. Start the control host first (python -m infra.stack up "
+                "--role control there), and set TRAINYARD_HOST (and TRAINYARD_PREFECT_PORT, TRAINYARD_MLFLOW_PORT) "
+                "here to reach it"
+            )
 
 
 def _stop(process: psutil.Process, name: str, gentle: signal.Signals) -> None:
@@ -295,32 +491,53 @@ def down(settings: Settings) -> None:
         stop(settings, service)
 
 
-def status(settings: Settings) -> bool:
+def status(settings: Settings, role: str = "all") -> bool:
     ok = True
-    for service in services(settings):
+    chosen = {"all": services(settings), "control": services(settings)[:2], "worker": services(settings)[2:]}[role]
+    for service in chosen:
         process = running(settings, service)
         healthy = process is not None and (service.health_url is None or _healthy(service.health_url))
         ok &= healthy
         print(f"  {service.name:15} {'up' if healthy else 'down'}" + (f" (pid {process.pid})" if process else ""))
+    if role == "worker":
+        try:
+            check_control_host(settings)
+            print(f"  control host    up ({settings.prefect_api})")
+        except StackError as error:
+            print(f"  control host    down: {error}")
+            ok = False
     return ok
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "env"])
-    parser.add_argument("--no-worker", action="store_true", help="start the servers only")
+    parser.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="all: everything on this host (default); control: the servers only; worker: a worker and its warm "
+        "start for the servers at TRAINYARD_HOST",
+    )
+    parser.add_argument("--no-worker", action="store_true", help="the servers only (the same as --role control)")
+    parser.add_argument("--pool", help="the work pool this host's worker serves (default TRAINYARD_WORK_POOL)")
+    parser.add_argument("--name", help="the worker's name on the Prefect server (default <hostname>-<pool>)")
+    parser.add_argument("--limit", type=int, help="flow runs the worker runs at once (default: no limit)")
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    role = "control" if args.no_worker else args.role
     try:
+        settings = Settings.from_env()
+        if args.pool:
+            settings = dataclasses.replace(settings, work_pool=args.pool)
         if args.command == "up":
-            up(settings, worker=not args.no_worker)
+            up(settings, role=role, worker_name=args.name, limit=args.limit)
         elif args.command == "down":
             down(settings)
         elif args.command == "status":
-            return 0 if status(settings) else 1
+            return 0 if status(settings, role) else 1
         else:
             print("".join(f"export {k}={v}\n" for k, v in settings.client_env().items()), end="")
-    except StackError as error:
+    except (StackError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
