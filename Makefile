@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 export TRAINYARD_HOME ?= $(CURDIR)/.trainyard
 # The stack's client settings (API URLs, offline switches) for every command below.
 STACK_ENV = set -a && eval "$$($(PY) -m infra.stack env)" && set +a
+# Several hosts (docs/scale-out.md): `make up ROLE=control` on the control host; on a training host
+# `make up ROLE=worker POOL=gpu-host-0 LIMIT=1`. TRAINYARD_DATABASE_URL and TRAINYARD_ARTIFACT_STORE switch to
+# PostgreSQL and S3; without them everything stays in $(TRAINYARD_HOME) (SQLite and local files).
+ROLE ?= all
+UP_ARGS = --role $(ROLE) $(if $(POOL),--pool $(POOL)) $(if $(LIMIT),--limit $(LIMIT))
 
 .PHONY: help venv up down status deploy datasets demo test lint format bench lock clean
 
@@ -13,6 +18,7 @@ help:
 	@echo "make demo      venv + stack + deployments + one demo training run, then prints the links"
 	@echo "make test      the whole test suite (starts its own servers on free ports)"
 	@echo "make up/down   start/stop the local stack (Prefect server, MLflow server, worker)"
+	@echo "               ROLE=control: servers only; ROLE=worker POOL=...: a training host (docs/scale-out.md)"
 	@echo "make deploy    seed compute profiles, apply their pools, and apply prefect.yaml to the running stack"
 	@echo "make bench     the benchmarks in bench/ (see docs/benchmarks.md)"
 
@@ -23,13 +29,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 up: venv
-	$(PY) -m infra.stack up
+	$(PY) -m infra.stack up $(UP_ARGS)
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m infra.stack down; fi
 
 status: venv
-	$(PY) -m infra.stack status
+	$(PY) -m infra.stack status --role $(ROLE)
 
 deploy: up
 	$(STACK_ENV) && $(PY) -m infra.profiles seed --if-empty && $(PY) -m infra.apply
