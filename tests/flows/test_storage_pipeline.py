@@ -22,8 +22,9 @@ import pytest
 from mlflow import MlflowClient
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, LogFilter
+from prefect.client.schemas.filters import FlowRunFilter
 from prefect.settings import get_current_settings
+from prefect_logs import run_logs
 from pydantic import ValidationError
 from s3_server import client, client_env, env_applied
 
@@ -76,15 +77,6 @@ def flow_run_id(state) -> str:
     return str(state.state_details.flow_run_id)
 
 
-def logs_of(run_id: str) -> list:
-    """Every log line of a flow run and its tasks (the API pages them, 200 at a time)."""
-    found: list = []
-    with get_client(sync_client=True) as prefect:
-        while page := prefect.read_logs(LogFilter(flow_run_id={"any_": [run_id]}), limit=200, offset=len(found)):
-            found += page
-    return found
-
-
 def artifacts_of(run_id: str) -> dict:
     with get_client(sync_client=True) as prefect:
         return {a.key: a for a in prefect.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [run_id]}))}
@@ -98,7 +90,7 @@ def task_names(run_id: str) -> set[str]:
 
 def sync_counts(run_id: str) -> tuple[int, int, int]:
     """(downloaded, bytes, unchanged) from the sync_dataset task's log line."""
-    lines = [log.message for log in logs_of(run_id) if SYNCED.search(log.message)]
+    lines = [log.message for log in run_logs(run_id, until=SYNCED.pattern) if SYNCED.search(log.message)]
     assert len(lines) == 1, lines
     return tuple(int(n) for n in SYNCED.search(lines[0]).groups())
 
@@ -215,7 +207,8 @@ def test_checkpoints_are_on_s3_with_a_manifest_written_last(first, remote):
     local = json.loads((Settings.from_env().runs_dir / flow_run_id(first) / "checkpoints.json").read_text())
     remote = remote.s3.get_object(Bucket=remote.name, Key=f"{prefix}/blobs/{files['checkpoints.json']['sha256']}")
     assert json.loads(remote["Body"].read()) == local
-    assert any("checkpoints after epoch 2 uploaded" in log.message for log in logs_of(flow_run_id(first)))
+    logs = run_logs(flow_run_id(first), until="checkpoints after epoch 2 uploaded")
+    assert any("checkpoints after epoch 2 uploaded" in log.message for log in logs)
 
 
 # --- failing early -------------------------------------------------------------------------------------------
@@ -258,7 +251,7 @@ def test_the_secret_key_appears_in_no_log_param_tag_artifact_result_or_upload(fi
     assert len(secret) >= 16 and secret not in ("", "test", "testing")
     run_id = flow_run_id(first)
 
-    logs = logs_of(run_id)
+    logs = run_logs(run_id, until="Finished in state")
     assert len(logs) > 20  # the run's whole log, tasks and trainer included
     assert [log.message for log in logs if secret in log.message] == []
 
@@ -330,7 +323,7 @@ def test_an_attempt_on_another_host_resumes_from_the_s3_checkpoints(first, remot
     )
 
     assert state.is_completed(), state.message
-    messages = [log.message for log in logs_of(flow_run_id(state))]
+    messages = [log.message for log in run_logs(flow_run_id(state), until=r"checkpoints after epoch 3 uploaded")]
     assert any(re.search(r"restored \d+ checkpoint files .*epoch 2\)", m) for m in messages), messages
     assert any(re.search(r"resuming from .*ckpt-e0002-s\d+\.pt at epoch 2", m) for m in messages), messages
     assert not any("epoch 1/3" in m for m in messages)  # epochs 1 and 2 were not trained again

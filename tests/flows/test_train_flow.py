@@ -10,7 +10,8 @@ import onnx
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, LogFilter
+from prefect.client.schemas.filters import FlowRunFilter
+from prefect_logs import run_logs
 
 from flows.train import train
 from trainers.export import read_label_map
@@ -97,8 +98,7 @@ def test_rerun_on_unchanged_data_skips_dataset_preparation(finished, shapes_cls)
 
 def test_the_trainers_own_logs_appear_in_the_flow_run_logs(finished):
     flow_run_id = finished.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [flow_run_id]}))
+    logs = run_logs(flow_run_id, until="epoch 1/2")
     assert any(log.name == "trainers.torch" and "epoch 1/2" in log.message for log in logs)
 
 
