@@ -9,7 +9,7 @@ import mlflow
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from infra.compute import local_device
+from tasks.resources import evaluation_device
 from tasks.tracking import ensure_active
 from tasks.training import make_job
 from trainers.base import TrainResult
@@ -22,12 +22,13 @@ def evaluate_model(
     request, dataset: DatasetSpec, output_dir: Path, result: TrainResult, run_id: str
 ) -> dict[str, float]:
     ensure_active(run_id)
-    job = make_job(request, dataset, local_device(request.device), output_dir)
     trainer = get_trainer(request.trainer)
     metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        if split in dataset.splits:
-            metrics.update(trainer.evaluate(job, result.best_checkpoint, split))
+    with evaluation_device(request, output_dir) as device:
+        job = make_job(request, dataset, device, output_dir)
+        for split in ("val", "test"):
+            if split in dataset.splits:
+                metrics.update(trainer.evaluate(job, result.best_checkpoint, split))
     mlflow.log_metrics({f"final_{name}": value for name, value in metrics.items()})
     mlflow.log_dict({"best_checkpoint": result.metrics, "final": metrics}, "results/metrics.json")
     # Logged after training so they cost the start of training nothing; the run's tags hold the same facts.

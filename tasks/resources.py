@@ -1,8 +1,11 @@
-"""What a training holds on its host while it runs: a GPU lease and MLflow system metrics for those GPUs."""
+"""What a training holds on its host while it runs: a GPU lease and MLflow system metrics for those GPUs; and the
+lease evaluation holds after it."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,9 +38,9 @@ def held_resources(request, output_dir: Path, run_id: str, request_id: str | Non
     those, record them on the MLflow run and in the attempts ledger, and sample them into the run; yields the torch
     device. Released on any exit."""
     logger = get_run_logger()
-    inventory = discover(output_dir)
+    inventory = visible_to_this_process(discover(output_dir))
     with gpu_lease(need_of(request, inventory), inventory, on_wait=logger.warning) as lease:
-        device = local_device(request.device)  # after the lease: CUDA starts with only the leased GPUs visible
+        device = device_of(lease, request.device)
         tags = {"host": inventory.hostname, "device": device}
         if lease is not None:
             tags["gpus"] = lease.describe()
@@ -46,6 +49,46 @@ def held_resources(request, output_dir: Path, run_id: str, request_id: str | Non
         mlflow.set_tags(tags)
         with _system_metrics(run_id, inventory.hostname, lease):
             yield device
+
+
+@contextlib.contextmanager
+def evaluation_device(request, output_dir: Path) -> Iterator[str]:
+    """The torch device for evaluating the request's model on this host: one GPU, leased and waited for like a
+    training's, so evaluation never runs on a GPU another training holds; the CPU on a host without GPUs."""
+    inventory = visible_to_this_process(discover(output_dir))
+    need = need_of(request, inventory)
+    one_gpu = Need(min(need.gpus, 1), need.gpu_memory_gb, cpu_cores=1)  # evaluation runs on one device
+    with gpu_lease(one_gpu, inventory, on_wait=get_run_logger().warning) as lease:
+        yield device_of(lease, request.device)
+
+
+def device_of(lease: Lease | None, preference: str) -> str:
+    """The torch device of a lease. CUDA, once started in a process, keeps the devices it saw then (a training that
+    ran earlier in this process), so the lease's GPU is found among those; otherwise the lease has just made
+    CUDA_VISIBLE_DEVICES show exactly its GPUs, and the first is cuda:0."""
+    if lease is not None and _cuda_started():
+        return f"cuda:{_cuda_uuids().index(lease.gpus[0].uuid)}"
+    return local_device(preference)
+
+
+def visible_to_this_process(inventory: HostInventory) -> HostInventory:
+    """The inventory's GPUs that this process can still use: all of them until CUDA starts here, then only those
+    it started with."""
+    if not _cuda_started():
+        return inventory
+    visible = set(_cuda_uuids())
+    return dataclasses.replace(inventory, gpus=tuple(gpu for gpu in inventory.gpus if gpu.uuid in visible))
+
+
+def _cuda_started() -> bool:
+    torch = sys.modules.get("torch")  # not imported: CUDA cannot have started
+    return torch is not None and torch.cuda.is_initialized()
+
+
+def _cuda_uuids() -> list[str]:
+    import torch
+
+    return [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
 
 
 @contextlib.contextmanager
