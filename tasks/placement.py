@@ -267,8 +267,9 @@ class Placement:
             },
             timeout=0,
             as_subflow=True,
-            # Unique per attempt of this run of the flow run: a resumed or retried flow run submits afresh.
-            idempotency_key=f"{self.request_id}:{flow_run.run_count}:{len(self.attempts) + 1}",
+            # Unique per attempt in the request's ledger, which outlives a pause: a resumed run (whose run_count
+            # Prefect leaves as it was) or a retried one submits afresh instead of getting the paused step back.
+            idempotency_key=f"{self.request_id}:{len(self.store.attempts(self.request_id)) + 1}",
             tags=["trainyard", f"profile:{profile.name}"],
         )
         attempt = self._begin(profile, "submitted", f"flow run {child.name}", child.id)

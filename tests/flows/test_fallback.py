@@ -267,3 +267,111 @@ def test_when_no_profile_can_run_now_the_error_gives_each_profiles_reason(pools,
     assert "ghost:" in state.message and "no online worker" in state.message
     assert "strategy 'queue'" in state.message  # and how to wait for capacity instead
     assert _mlflow_runs(state) == [] and pools.attempts(_request_id(state)) == []  # refused before anything
+
+
+@pytest.fixture(scope="module")
+def train_deployment(pools, stack):
+    """`make deploy` for the torch demo and a process worker on the local pool: the train flow runs as a deployment
+    (a run without one cannot be paused), its training steps on the profiles' pools."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from infra.settings import ROOT
+
+    local_stack.ensure_work_pool(stack)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    env = {**os.environ, **stack.client_env()}
+    subprocess.run([prefect, "--no-prompt", "deploy", "-n", "torch-shapes"], cwd=ROOT, env=env, check=True, timeout=180)
+    worker = local_stack.worker_service(stack, stack.work_pool, "process", {"TRAINYARD_STORE_URL": pools.url})
+    local_stack.start(stack, worker)
+    _wait_ready(stack.work_pool)
+    yield "train/torch-shapes"
+    local_stack.stop(stack, worker)
+
+
+def test_a_pause_reaches_a_training_on_another_pool_and_resume_finishes_it_there(pools, train_deployment, shapes_cls):
+    """Pause (what the Prefect UI's Pause does) on a train flow run whose training step runs on the backup pool: the
+    step checkpoints and ends, the train flow run is Suspended and holds no slot; Resume submits a new step, which
+    resumes from that checkpoint and finishes, all in one MLflow run with every epoch once."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+    from prefect.deployments import run_deployment
+
+    from infra.settings import ROOT, Settings
+    from tasks.placement import profile_limit
+    from trainers.checkpoints import CheckpointStore
+
+    def control(*args) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "flows.control", *map(str, args)]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    epochs = 60
+    parameters = {
+        "dataset": str(shapes_cls),
+        **FAST,
+        "epochs": epochs,
+        "batch_size": 4,
+        "compute": {"profiles": ["backup"]},
+    }
+    run = run_deployment(train_deployment, parameters=parameters, timeout=0)
+    store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
+    deadline = time.monotonic() + 180
+    while not store.entries() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.entries(), "the training step never wrote its first checkpoint"
+    [first] = pools.attempts(str(run.id))
+    assert first.profile == "backup" and first.flow_run_id  # trained by the backup pool's worker
+
+    with get_client(sync_client=True) as client:
+        asked = time.time()
+        paused = control("pause", run.id)
+        assert paused.returncode == 0, paused.stderr
+        step = _wait_state(client, first.flow_run_id, lambda s: s.is_final())
+        assert step.is_cancelled() and step.message.startswith("paused: "), step
+        parent = _wait_state(client, run.id, lambda s: s.name == "Suspended" and _attempts_ended(pools, run.id))
+        newest = store.entries()[-1]
+        assert newest.written_at >= asked and newest.written_at - asked < 30  # checkpointed on the way out
+        assert newest.epoch < epochs
+        assert [(a.profile, a.outcome) for a in pools.attempts(str(run.id))] == [("backup", "paused")]
+        backup = next(p for p in pools.profiles() if p.name == "backup")
+        slot = _wait_value(lambda: client.read_global_concurrency_limit_by_name(profile_limit(backup)).active_slots, 0)
+        assert slot == 0, "the paused run still holds the backup profile's slot"
+        [mlflow_run] = runs_of_flow_run(str(run.id))
+        assert mlflow_run.info.status == "SCHEDULED", parent
+
+        resumed = control("resume", run.id)
+        assert resumed.returncode == 0, resumed.stderr
+        state = _wait_state(client, run.id, lambda s: s.is_final(), timeout=300)
+        attempts = pools.attempts(str(run.id))
+        assert state.is_completed(), (state.message, [(a.profile, a.outcome, a.flow_run_id) for a in attempts])
+        assert [(a.profile, a.outcome) for a in attempts] == [("backup", "paused"), ("backup", "completed")]
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [attempts[1].flow_run_id]}))
+    assert any(f"resuming from {store.directory}" in log.message for log in logs)
+    [mlflow_run] = runs_of_flow_run(str(run.id))
+    assert mlflow_run.info.status == "FINISHED"
+    history = MlflowClient().get_metric_history(mlflow_run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+
+
+def _attempts_ended(store: Store, request_id) -> bool:
+    return all(a.ended_at is not None for a in store.attempts(str(request_id)))
+
+
+def _wait_value(read, wanted, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while (value := read()) != wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return value
+
+
+def _wait_state(client, flow_run_id, done, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.read_flow_run(flow_run_id).state
+        if done(state):
+            return state
+        time.sleep(0.5)
+    raise TimeoutError(f"flow run {flow_run_id} is still {state.name} after {timeout:g} s: {state.message}")
