@@ -54,7 +54,9 @@ class Database:
             parsed = make_url(url)
         except (ArgumentError, ValueError):
             raise SettingsError(
-                "TRAINYARD_DATABASE_URL is not a database URL; write postgresql://user@host:5432/trainyard"
+                "TRAINYARD_DATABASE_URL is not a database URL; write postgresql://user@host:5432/trainyard. A "
+                "password in it must be percent-encoded (@ as %40, : as %3A, / as %2F, % as %25), or leave it out "
+                "and set PGPASSWORD"
             ) from None
         shown = parsed.render_as_string(hide_password=True)
         if parsed.get_backend_name() not in ("postgresql", "postgres"):

@@ -349,14 +349,37 @@ def _connect_postgres(database: Database):
             )
         except psycopg.OperationalError as error:
             problem = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-            if database.password:
-                problem = problem.replace(database.password, "***")
+            for secret in {database.password, os.environ.get("PGPASSWORD")} - {None, ""}:
+                problem = problem.replace(secret, "***")
             if "does not exist" not in problem:  # unreachable, refused, authentication: another database won't help
                 break
+    if "password authentication failed" in problem or "no password supplied" in problem:
+        raise StackError(_password_refused(database, where, problem))
     raise StackError(
         f"{where} cannot be reached: {problem}. Start PostgreSQL, or fix the host, port or user in "
         "TRAINYARD_DATABASE_URL (give a password as PGPASSWORD or in ~/.pgpass); unset it for the embedded SQLite"
     )
+
+
+def _password_refused(database: Database, where: str, problem: str) -> str:
+    """The server wants a password it did not get: say which one was sent (never its value) and how to give it."""
+    import getpass
+
+    user = database.user or os.environ.get("PGUSER") or getpass.getuser()
+    quoting = "percent-encoded: @ as %40, : as %3A, / as %2F, % as %25, # as %23"
+    if database.password:
+        sent = "the password in TRAINYARD_DATABASE_URL"
+        fix = f"Correct it there ({quoting}), or leave it out of the URL and set PGPASSWORD"
+    elif os.environ.get("PGPASSWORD"):
+        sent = "the password in PGPASSWORD"
+        fix = "Correct PGPASSWORD, or unset it to use ~/.pgpass"
+    elif "no password supplied" in problem:
+        sent = "no password (none in TRAINYARD_DATABASE_URL, PGPASSWORD or ~/.pgpass)"
+        fix = f"Give {user}'s password as PGPASSWORD, in ~/.pgpass, or in TRAINYARD_DATABASE_URL ({quoting})"
+    else:
+        sent = "the password in ~/.pgpass (or PGPASSFILE)"
+        fix = "Correct that file's line for this host, port and user, or set PGPASSWORD"
+    return f"{where} refused user {user} with {sent}: {problem}. {fix}"
 
 
 def ensure_databases(database: Database) -> list[str]:

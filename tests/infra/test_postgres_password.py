@@ -1,0 +1,319 @@
+"""The shared setup (docs/scale-out.md) on a PostgreSQL server that checks passwords.
+
+The machine's own server trusts local connections, so tests/infra/test_shared_stack.py cannot tell a right password
+from a wrong one. This module starts a throwaway cluster of its own (initdb --auth=scram-sha-256, on 127.0.0.1 and
+a free port, as the `postgres` OS user when run as root), with a user that may create databases and a random
+password full of characters a URL must percent-encode. Then: `python -m infra.stack up --role control` with the
+right password runs Prefect, MLflow and the platform store on that cluster; a wrong, missing or unquoted password
+stops `up` at once with the fix; the password shows in no log, command line, env file or `env` output. The cluster
+is stopped and deleted at the end of the module. Without the PostgreSQL binaries (TRAINYARD_TEST_PG_BIN, default
+/usr/lib/postgresql/15/bin) or, as root, without runuser and a `postgres` user, the module skips and says what is
+missing.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+import pytest
+from s3_server import free_port
+from test_shared_stack import _stack_processes, clean_env, cli, python
+
+from infra import stack as trainyard_stack
+from infra.settings import Settings
+
+PG_BIN = Path(os.environ.get("TRAINYARD_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER = "ty_pw_user"
+# Random per run, and every character that breaks a URL unless percent-encoded: @ : / % #
+PASSWORD = f"p@ss:w/rd%#{secrets.token_hex(6)}"
+WRONG_PASSWORD = f"wr@ng:p/ss%#{secrets.token_hex(6)}"
+SECRETS = (PASSWORD, quote(PASSWORD, safe=""), WRONG_PASSWORD, quote(WRONG_PASSWORD, safe=""))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running throwaway PostgreSQL cluster: the superuser `postgres` and USER, both with passwords."""
+
+    port: int
+    root: Path
+    superuser_password: str
+    host: str = "127.0.0.1"
+
+    def url(self, name: str, password: str | None = PASSWORD) -> str:
+        """TRAINYARD_DATABASE_URL for USER, the password percent-encoded as a user must write it."""
+        login = f"{USER}:{quote(password, safe='')}" if password is not None else USER
+        return f"postgresql://{login}@{self.host}:{self.port}/{name}"
+
+    def connect(self, dbname: str = "postgres", *, admin: bool = False):
+        import psycopg
+
+        user, password = ("postgres", self.superuser_password) if admin else (USER, PASSWORD)
+        return psycopg.connect(
+            host=self.host, port=self.port, user=user, password=password, dbname=dbname, autocommit=True
+        )
+
+
+def _as_postgres() -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its programs as the `postgres` OS user."""
+    return [shutil.which("runuser", path=SYSTEM_PATH) or "runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def _missing() -> list[str]:
+    missing = [str(PG_BIN / b) for b in ("initdb", "pg_ctl", "postgres") if not os.access(PG_BIN / b, os.X_OK)]
+    if os.geteuid() == 0:
+        if not shutil.which("runuser", path=SYSTEM_PATH):
+            missing.append("runuser (util-linux), to run PostgreSQL as the postgres user")
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            missing.append("a `postgres` OS user (PostgreSQL refuses to run as root)")
+    return missing
+
+
+def _pg(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {"PATH": SYSTEM_PATH, "LC_ALL": "C", "LANG": "C"}  # none of the PG* variables of this process
+    return subprocess.run([*_as_postgres(), *argv], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _stop_cluster(data: Path) -> None:
+    if not (data / "postmaster.pid").exists():
+        return
+    done = _pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop", timeout=60)
+    if done.returncode != 0 and (data / "postmaster.pid").exists():  # our own postmaster, by its pid
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        try:
+            os.kill(pid, signal.SIGKILL)
+            psutil.Process(pid).wait(timeout=10)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    missing = _missing()
+    if missing:
+        pytest.skip(f"needs PostgreSQL's server programs to start a cluster with passwords; missing: {missing}")
+    from psycopg import sql
+
+    root = Path(tempfile.mkdtemp(prefix="ty-pg-"))  # short: the socket path must stay under 108 bytes
+    data, socket_dir, log = root / "data", root / "sock", root / "server.log"
+    superuser_password = secrets.token_urlsafe(16)
+    try:
+        socket_dir.mkdir()
+        pwfile = root / "pwfile"
+        pwfile.write_text(superuser_password + "\n")
+        if os.geteuid() == 0:
+            for path in (root, socket_dir, pwfile):
+                shutil.chown(path, "postgres", "postgres")
+        initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256"]
+        done = _pg(*initdb, f"--pwfile={pwfile}", "--locale=C", "--encoding=UTF8", "--no-sync")
+        pwfile.unlink()
+        assert done.returncode == 0, f"initdb failed:\n{done.stdout}\n{done.stderr}"
+        port = free_port()
+        options = f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        done = _pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
+        assert done.returncode == 0, f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{_tail(log)}"
+        running = Cluster(port, root, superuser_password)
+        with running.connect(admin=True) as admin:
+            role = sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}")
+            admin.execute(role.format(sql.Identifier(USER), sql.Literal(PASSWORD)))
+        yield running
+    finally:
+        _stop_cluster(data)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _tail(log: Path) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
+
+
+def _env(cluster: Cluster, home: Path, database_url: str) -> dict[str, str]:
+    """A control host's environment: its own TRAINYARD_HOME and ports, no PG* variables unless a test adds one."""
+    return clean_env(home) | {
+        "TRAINYARD_HOME": str(home / "home"),
+        "TRAINYARD_HOST": "127.0.0.1",
+        "TRAINYARD_PREFECT_PORT": str(free_port()),
+        "TRAINYARD_MLFLOW_PORT": str(free_port()),
+        "TRAINYARD_DATABASE_URL": database_url,
+    }
+
+
+def _leaks(texts: dict[str, str]) -> list[str]:
+    return [where for where, text in texts.items() for secret in SECRETS if secret in text]
+
+
+# --- The cluster really checks passwords ---------------------------------------------------------------------
+
+
+def test_the_cluster_takes_only_the_right_password(cluster):
+    import psycopg
+
+    with cluster.connect(admin=True) as admin:
+        methods = {row[0] for row in admin.execute("SELECT auth_method FROM pg_hba_file_rules")}
+        (verifier,) = admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", [USER]).fetchone()
+    assert methods == {"scram-sha-256"}  # no `trust`, no `peer`: every connection shows a password
+    assert verifier.startswith("SCRAM-SHA-256$")
+    with cluster.connect() as connection:
+        assert connection.execute("SELECT current_user").fetchone()[0] == USER
+    for password, says in ((WRONG_PASSWORD, "password authentication failed"), (None, "no password supplied")):
+        with pytest.raises(psycopg.OperationalError, match=says):
+            psycopg.connect(host=cluster.host, port=cluster.port, user=USER, password=password, dbname="postgres")
+
+
+# --- A wrong password stops `up` before anything starts ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ("url", ["the password in TRAINYARD_DATABASE_URL", "password authentication failed", "%40", "PGPASSWORD"]),
+        ("PGPASSWORD", ["the password in PGPASSWORD", "password authentication failed", "Correct PGPASSWORD"]),
+        ("none", ["no password", "no password supplied", "as PGPASSWORD", "%40"]),
+        ("pgpass", ["the password in ~/.pgpass", "password authentication failed", "or set PGPASSWORD"]),
+        ("unquoted", ["not a database URL", "percent-encoded", "%40", "PGPASSWORD"]),
+    ],
+)
+def test_a_wrong_password_stops_up_at_once_with_the_fix(cluster, tmp_path, given, says):
+    name = f"ty_wrong_{uuid.uuid4().hex[:8]}"
+    url = {
+        "url": cluster.url(name, WRONG_PASSWORD),
+        "PGPASSWORD": cluster.url(name, None),
+        "none": cluster.url(name, None),
+        "pgpass": cluster.url(name, None),
+        "unquoted": f"postgresql://{USER}:{PASSWORD}@{cluster.host}:{cluster.port}/{name}",  # as typed, unencoded
+    }[given]
+    env = _env(cluster, tmp_path, url) | ({"PGPASSWORD": WRONG_PASSWORD} if given == "PGPASSWORD" else {})
+    env["PGPASSFILE"] = str(tmp_path / "pgpass")  # not ~/.pgpass of whoever runs the tests
+    if given == "pgpass":
+        escaped = WRONG_PASSWORD.replace("\\", "\\\\").replace(":", "\\:")
+        Path(env["PGPASSFILE"]).write_text(f"{cluster.host}:{cluster.port}:*:{USER}:{escaped}\n")
+        Path(env["PGPASSFILE"]).chmod(0o600)
+    done = cli("up", "--role", "control", env=env, check=False, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    error = done.stderr.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error: "), error
+    if given != "unquoted":  # a URL that does not parse names no server
+        assert f"PostgreSQL at {cluster.host}:{cluster.port}" in error and f"user {USER}" in error, error
+    for words in says:
+        assert words in error, error
+    assert not _leaks({"stdout": done.stdout, "stderr": done.stderr}), error
+    home = Path(env["TRAINYARD_HOME"])
+    assert not (home / "pids").exists() and not (home / "logs").exists()  # nothing was started
+    for port in (env["TRAINYARD_PREFECT_PORT"], env["TRAINYARD_MLFLOW_PORT"]):
+        assert not trainyard_stack._port_open("127.0.0.1", int(port))
+    with cluster.connect(admin=True) as admin:
+        assert not admin.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", [f"{name}%"]).fetchall()
+
+
+# --- The right password: the control host on the cluster ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Control:
+    settings: Settings
+    env: dict[str, str]
+    up_output: str
+
+
+@pytest.fixture(scope="module")
+def control(cluster, tmp_path_factory) -> Iterator[Control]:
+    env = _env(cluster, tmp_path_factory.mktemp("pg-password"), cluster.url("ty_pw"))
+    env["PGPASSFILE"] = env["TRAINYARD_HOME"] + "-no-pgpass"  # the password comes from the URL alone
+    try:
+        up = cli("up", "--role", "control", env=env)
+        yield Control(Settings.from_env(env), env, up.stdout)
+    finally:
+        cli("down", env=env, check=False)
+
+
+def test_prefect_mlflow_and_the_store_keep_their_data_in_the_password_cluster(control, cluster):
+    from mlflow import MlflowClient
+
+    database = control.settings.database
+    assert (database.user, database.password, database.port) == (USER, PASSWORD, cluster.port)
+    assert f"database: postgresql://{USER}@127.0.0.1:{cluster.port}/ty_pw" in control.up_output
+    assert "created ty_pw, ty_pw_prefect, ty_pw_mlflow" in control.up_output
+
+    mlflow_client = MlflowClient(tracking_uri=control.settings.mlflow_uri)
+    experiment = mlflow_client.create_experiment(f"pg-password-{uuid.uuid4().hex[:6]}")
+    run = mlflow_client.create_run(experiment)
+    mlflow_client.log_metric(run.info.run_id, "loss", 0.25)
+    mlflow_client.set_terminated(run.info.run_id)
+
+    flow = """
+        from prefect import flow
+
+        @flow
+        def tiny(x: int = 21) -> int:
+            return 2 * x
+
+        state = tiny(return_state=True)
+        print(state.state_details.flow_run_id, state.result())
+        """
+    printed = cli("env", env=control.env).stdout
+    client_env = control.env | dict(line.removeprefix("export ").split("=", 1) for line in printed.splitlines())
+    flow_run_id, result = python(flow, client_env).stdout.split()[-2:]
+    assert result == "42"
+
+    # ...and it is all in the cluster, read back with USER's password.
+    with cluster.connect(database.mlflow_database) as mlflow_db:
+        row = mlflow_db.execute("SELECT status FROM runs WHERE run_uuid = %s", [run.info.run_id]).fetchone()
+        assert row == ("FINISHED",)
+        assert mlflow_db.execute("SELECT value FROM metrics WHERE run_uuid = %s", [run.info.run_id]).fetchone() == (
+            0.25,
+        )
+    with cluster.connect(database.prefect_database) as prefect_db:
+        row = prefect_db.execute("SELECT state_type FROM flow_run WHERE id = %s", [flow_run_id]).fetchone()
+        assert row is not None and row[0] == "COMPLETED"
+        pools = {r[0] for r in prefect_db.execute("SELECT name FROM work_pool")}
+        assert control.settings.work_pool in pools  # made by `up`
+    with cluster.connect(database.name) as store_db:
+        tables = {r[0] for r in store_db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert {"compute_profiles", "attempts"} <= tables
+    with cluster.connect(admin=True) as admin:
+        owners = admin.execute(
+            "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = ANY(%s)", [database.databases]
+        ).fetchall()
+    assert dict(owners) == dict.fromkeys(database.databases, USER)  # `up` made them, logged in as USER
+    assert not (control.settings.home / "prefect" / "prefect.db").exists()
+    assert not (control.settings.home / "mlflow" / "mlflow.db").exists()
+
+
+def test_the_password_shows_in_no_log_command_line_env_file_or_env_output(control):
+    home = control.settings.home
+    printed = cli("env", env=control.env).stdout + cli("status", "--role", "control", env=control.env).stdout
+    texts = {"env output": printed, "client_env()": repr(control.settings.client_env())}
+    texts["settings repr"] = repr(control.settings)
+    texts["up output"] = control.up_output
+    texts |= {str(path): path.read_text(errors="replace") for path in (home / "logs").glob("*.log")}
+    texts[str(home / "env")] = (home / "env").read_text()
+    processes = _stack_processes(control.settings)
+    assert len(processes) >= 2
+    texts |= {f"pid {p.pid} command line": " ".join(p.cmdline()) for p in processes}
+    assert not _leaks(texts), f"the password shows in: {_leaks(texts)}"
+    # The servers got it where it belongs: PGPASSWORD in their environment, decoded from the URL.
+    for service in trainyard_stack.services(control.settings)[:2]:  # the Prefect server, the MLflow server
+        assert trainyard_stack.running(control.settings, service).environ()["PGPASSWORD"] == PASSWORD
+    assert "PGPASSWORD" not in control.settings.client_env()
+
+
+def test_down_leaves_nothing_running(control):
+    processes = _stack_processes(control.settings)
+    cli("down", env=control.env)
+    gone, alive = psutil.wait_procs(processes, timeout=15)
+    assert not alive, f"still running after down: {[p.cmdline()[:3] for p in alive]}"
+    for port in (control.settings.prefect_port, control.settings.mlflow_port):
+        assert not trainyard_stack._port_open("127.0.0.1", port)
