@@ -432,15 +432,15 @@ def ensure_result_storage(settings: Settings) -> None:
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
 
+    from infra.storage import StorageError
+    from infra.storage.s3 import SECRET_BLOCK, load_credentials_block
+
     if settings.credentials_block:
         try:
-            credentials = AwsCredentials.load(settings.credentials_block)
-        except ValueError:
-            raise StackError(
-                f"TRAINYARD_S3_CREDENTIALS_BLOCK={settings.credentials_block}: no AwsCredentials block of that name "
-                "on the Prefect server. Create it (docs/storage.md), or unset the variable to use this host's "
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-            ) from None
+            credentials = load_credentials_block(settings.credentials_block)
+        except StorageError as error:
+            fallback = "Or unset it to use this host's AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
+            raise StackError(f"{error} {fallback}") from None
     else:
         env = os.environ
         credentials = AwsCredentials(
@@ -453,7 +453,9 @@ def ensure_result_storage(settings: Settings) -> None:
     store = settings.artifact_store
     bucket = S3Bucket(bucket_name=store.bucket, bucket_folder=store.results_folder, credentials=credentials)
     bucket.save(RESULTS_BLOCK, overwrite=True)
-    print(f"  result storage: s3-bucket/{RESULTS_BLOCK} (credentials aws-credentials/{settings.s3_credentials_block})")
+    source = settings.s3_credentials_block
+    source = source if source.startswith(SECRET_BLOCK) else f"aws-credentials/{source}"
+    print(f"  result storage: s3-bucket/{RESULTS_BLOCK} (credentials {source})")
 
 
 def check_result_storage(settings: Settings) -> None:

@@ -48,7 +48,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 class S3Settings:
     endpoint_url: str | None = None  # None: AWS itself
     region: str | None = None
-    credentials_block: str | None = None  # a Prefect AwsCredentials block name
+    credentials_block: str | None = None  # a Prefect AwsCredentials block name, or secret/<name> for a Secret block
     presign_expires_s: int = 24 * 3600
 
     @classmethod
@@ -389,18 +389,52 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=body, ContentType="application/json")
 
 
-def _block_credentials(name: str) -> tuple[dict, str | None]:
-    """boto3.Session arguments and endpoint from a Prefect AwsCredentials block (Prefect is imported only here)."""
-    try:
-        from prefect_aws import AwsCredentials
+SECRET_BLOCK = "secret/"  # TRAINYARD_S3_CREDENTIALS_BLOCK=secret/<name>: a Prefect Secret block, not AwsCredentials
+SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "region_name", "endpoint_url")
 
-        block = AwsCredentials.load(name)
+
+def load_credentials_block(name: str):
+    """The prefect_aws AwsCredentials that TRAINYARD_S3_CREDENTIALS_BLOCK names: an AwsCredentials block by its name,
+    or `secret/<name>`, a Secret block whose value is a JSON object with aws_access_key_id and aws_secret_access_key
+    (optionally aws_session_token, region_name, endpoint_url). Prefect is imported only here."""
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    kind = "Secret" if name.startswith(SECRET_BLOCK) else "AwsCredentials"
+    try:
+        if kind == "AwsCredentials":
+            return AwsCredentials.load(name)
+        from prefect.blocks.system import Secret
+
+        value = Secret.load(name.removeprefix(SECRET_BLOCK)).get()
     except Exception as error:
         raise StorageError(
-            f"Cannot load the Prefect AwsCredentials block {name!r} (TRAINYARD_S3_CREDENTIALS_BLOCK): "
-            f"{type(error).__name__}. Create it (prefect block register -m prefect_aws, then in the UI or "
-            "AwsCredentials(...).save(name)), check PREFECT_API_URL, or unset the variable to use the environment."
+            f"Cannot load the Prefect {kind} block {name!r} (TRAINYARD_S3_CREDENTIALS_BLOCK): "
+            f"{type(error).__name__}. Create it (docs/storage.md: in the UI under Blocks, or in Python), check "
+            "PREFECT_API_URL, or unset the variable to use the environment."
         ) from None
+    fields = value if isinstance(value, dict) else {}
+    missing = [key for key in SECRET_FIELDS[:2] if not fields.get(key)]
+    unknown = sorted(set(fields) - set(SECRET_FIELDS))
+    if missing or unknown:  # names only: the values are secrets
+        raise StorageError(
+            f"The Prefect Secret block {name!r} (TRAINYARD_S3_CREDENTIALS_BLOCK) must hold a JSON object with "
+            f"{', '.join(SECRET_FIELDS[:2])} (and optionally {', '.join(SECRET_FIELDS[2:])}); "
+            + (f"it lacks {', '.join(missing)}" if missing else f"it has unknown keys {', '.join(unknown)}")
+            + ". Save it again with those keys."
+        )
+    return AwsCredentials(
+        aws_access_key_id=fields["aws_access_key_id"],
+        aws_secret_access_key=fields["aws_secret_access_key"],
+        aws_session_token=fields.get("aws_session_token"),
+        region_name=fields.get("region_name"),
+        aws_client_parameters=AwsClientParameters(endpoint_url=fields.get("endpoint_url")),
+    )
+
+
+def _block_credentials(name: str) -> tuple[dict, str | None]:
+    """boto3.Session arguments and endpoint from the Prefect block TRAINYARD_S3_CREDENTIALS_BLOCK names."""
+    block = load_credentials_block(name)
     secret = block.aws_secret_access_key.get_secret_value() if block.aws_secret_access_key else None
     kwargs = {
         "aws_access_key_id": block.aws_access_key_id,

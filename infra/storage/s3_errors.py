@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 CREDENTIALS_FIX = (
     "Trainyard reads S3 credentials from the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
-    "AWS_PROFILE) or from a Prefect AwsCredentials block named by TRAINYARD_S3_CREDENTIALS_BLOCK; never from flow "
+    "AWS_PROFILE) or from a Prefect AwsCredentials block (or secret/<name>, a Secret block) named by "
+    "TRAINYARD_S3_CREDENTIALS_BLOCK; never from flow "
     "parameters."
 )
 
@@ -89,7 +90,8 @@ def bucket_exists(storage: S3Storage) -> bool | None:
 
 def credentials_source(storage: S3Storage) -> str:
     if storage.settings.credentials_block:
-        return f"the Prefect AwsCredentials block {storage.settings.credentials_block!r}"
+        name = storage.settings.credentials_block
+        return f"the Prefect {'Secret' if name.startswith('secret/') else 'AwsCredentials'} block {name!r}"
     credentials = storage._connection[0].get_credentials()
     method = getattr(credentials, "method", "")
     return {"env": "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"}.get(method, f"boto3 ({method})")

@@ -428,6 +428,43 @@ def test_credentials_from_a_prefect_block(stack, s3_env, s3, bucket, monkeypatch
         storage_for(f"s3://{bucket}/ck").upload_file(tmp_path / "m.pt", "n.pt")
 
 
+def test_credentials_from_a_prefect_secret_block_for_storage_and_flow_results(
+    stack, s3_env, s3, bucket, monkeypatch, tmp_path, caplog
+):
+    """TRAINYARD_S3_CREDENTIALS_BLOCK=secret/<name>: a Prefect Secret holding the keys as JSON serves the storage and,
+    through the S3Bucket block `up` makes from it, the Prefect results; a Secret without the keys is refused by name."""
+    from prefect.blocks.system import Secret
+    from prefect_aws import S3Bucket
+
+    from infra.settings import RESULTS_BLOCK, Settings
+    from infra.stack import ensure_result_storage
+
+    name = f"ty-s3-secret-{bucket[-8:]}"
+    keys = {"aws_access_key_id": s3_env.access_key, "aws_secret_access_key": s3_env.secret_key}
+    Secret(value={**keys, "endpoint_url": s3_env.url}).save(name)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "TRAINYARD_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("TRAINYARD_S3_CREDENTIALS_BLOCK", f"secret/{name}")
+    caplog.set_level(logging.DEBUG)
+
+    storage = storage_for(f"s3://{bucket}/ck")
+    storage.upload_file(_write(tmp_path / "m.pt", b"from the secret"), "m.pt")
+    assert s3.get_object(Bucket=bucket, Key="ck/m.pt")["Body"].read() == b"from the secret"
+
+    monkeypatch.setenv("TRAINYARD_ARTIFACT_STORE", f"s3://{bucket}/trainyard")
+    ensure_result_storage(Settings.from_env())
+    S3Bucket.load(RESULTS_BLOCK).write_path("probe", b"a flow result")
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="trainyard/")["Contents"]]
+    assert any(key.endswith("/probe") for key in listed), listed
+    assert SECRET_KEY not in caplog.text and SECRET_KEY.encode() not in pickle.dumps(storage)
+
+    Secret(value={"aws_access_key_id": s3_env.access_key}).save(f"{name}-half")
+    monkeypatch.setenv("TRAINYARD_S3_CREDENTIALS_BLOCK", f"secret/{name}-half")
+    with pytest.raises(StorageError, match=r"must hold a JSON object .* it lacks aws_secret_access_key") as refused:
+        storage_for(f"s3://{bucket}/ck").upload_file(tmp_path / "m.pt", "n.pt")
+    assert s3_env.access_key not in str(refused.value)  # names the keys, never their values
+
+
 # --- the local backend ----------------------------------------------------------------------------------------
 
 
