@@ -38,11 +38,21 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def use_experiment(name: str) -> str:
+    """Make the experiment `name` active, creating it if need be; returns its id.
+
+    Not mlflow.set_experiment alone: when two runs create the same new experiment at once, the one that loses the
+    race gets the experiment back without it becoming active (MLflow 3), and its run lands in Default. Setting it
+    again by id always activates it."""
+    experiment = mlflow.set_experiment(name)
+    return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
+
+
 @contextlib.contextmanager
 def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
     """Start the run (or continue this flow run's unfinished one), yield its id; end it FINISHED, or FAILED
     (KILLED on cancel, SCHEDULED on pause) when the stage raises."""
-    mlflow.set_experiment(request.experiment)
+    use_experiment(request.experiment)
     ui = flow_run.ui_url
     tags = {
         **request.tags,

@@ -107,6 +107,8 @@ def test_twenty_training_runs_at_once_on_two_workers_none_lost_or_stuck(cluster,
     mlflow = MlflowClient(tracking_uri=shared.settings.mlflow_uri)
     mlflow_runs = mlflow.search_runs([mlflow.get_experiment_by_name("scale-out").experiment_id], max_results=100)
     by_flow_run = {r.data.tags.get("prefect.flow_run_id"): r.info.status for r in mlflow_runs}
+    missing = {i: _mlflow_runs_anywhere(mlflow, i) for i in ids - set(by_flow_run)}
+    assert not missing, f"flow runs without an MLflow run in 'scale-out' (their runs anywhere): {missing}"
     assert by_flow_run == dict.fromkeys(ids, "FINISHED")  # one MLflow run each, all FINISHED
 
     taken = {}
@@ -145,6 +147,12 @@ async def _trigger(parameters: dict) -> list:
     from prefect.deployments import run_deployment
 
     return await asyncio.gather(*(run_deployment(DEPLOYMENT, parameters=parameters, timeout=0) for _ in range(RUNS)))
+
+
+def _mlflow_runs_anywhere(mlflow, flow_run_id: str) -> list[str]:
+    experiments = {e.experiment_id: e.name for e in mlflow.search_experiments()}
+    runs = mlflow.search_runs(list(experiments), filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    return [f"{r.info.run_id} in {experiments[r.info.experiment_id]!r}: {r.info.status}" for r in runs]
 
 
 def _history(client, flow_run_id: str) -> list[str]:
