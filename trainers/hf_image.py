@@ -18,6 +18,9 @@ Choices worth knowing:
   load_best_model_at_end keeps the best as well); each is announced through on_checkpoint when written.
 - Each checkpoint-N gets a trainyard-manifest.json (size and SHA-256 of each file). Resume takes the newest
   checkpoint that verifies; a damaged one is set aside as damaged-checkpoint-N with a warning.
+- A run directory copied from another host (restored from the artifact store) resumes as it would in place:
+  best_model_checkpoint, an absolute path in trainer_state.json, is taken in this directory, and the checkpoint
+  folders get mtimes in step order (Transformers' rotation deletes by mtime; a copy has the copy's order).
 - `checkpoint.every_seconds` saves mid-epoch at the next step past the interval. A cancel (SIGTERM, Ctrl-C)
   saves the steps trained so far before the interruption goes on, unless it lands inside an optimizer update.
 - MLflow: Transformers' own MLflowCallback (a subclass of it) logs per-step metrics into the run that is
@@ -195,7 +198,7 @@ def _compute_metrics(eval_pred: Any) -> dict[str, float]:
 # -------------------------------------------------------------------------------------------- callbacks
 
 
-def _progress_callback(job: TrainJob, steps_per_epoch: int) -> Any:
+def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | None = None) -> Any:
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -214,6 +217,8 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int) -> Any:
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.training = True  # the trainer state is already restored from the checkpoint when resuming
+            if moved_best is not None:  # this directory's copy, not the path another host recorded
+                state.best_model_checkpoint = str(moved_best)
             self.last_saved = time.monotonic()
             job.emit_start(job.config.epochs, state.global_step // steps_per_epoch)
 
@@ -384,6 +389,39 @@ def _last_complete_checkpoint(output_dir: Path) -> Path | None:
     return last
 
 
+def _moved_best(resume: Path, output_dir: Path) -> Path | None:
+    """The best checkpoint the resumed state records, in this directory, when it is recorded in another one.
+
+    trainer_state.json holds best_model_checkpoint as an absolute path: in a run directory restored on another host
+    it names the first host's directory, and Transformers drops it on resume. Without it a resume with nothing left
+    to train would skip load_best_model_at_end and return the last checkpoint as the best.
+    """
+    recorded = json.loads((resume / "trainer_state.json").read_text()).get("best_model_checkpoint")
+    if not recorded or Path(recorded).parent == output_dir:
+        return None
+    here = output_dir / Path(recorded).name
+    if not _CHECKPOINT.match(here.name) or not here.is_dir():
+        return None
+    log.info("best checkpoint %s was recorded in another run directory: using %s", recorded, here)
+    return here
+
+
+def _stamp_in_step_order(output_dir: Path) -> None:
+    """Give the checkpoint directories mtimes in step order when they are not.
+
+    Transformers' rotation (save_total_limit) deletes the oldest checkpoints by directory mtime. A copied run
+    directory (restored from the artifact store) has the copy's order, e.g. checkpoint-16 before checkpoint-8, and
+    rotation would then delete the newest but one.
+    """
+    found = _checkpoints(output_dir)
+    mtimes = [path.stat().st_mtime for _, path in found]
+    if all(a < b for a, b in zip(mtimes, mtimes[1:], strict=False)):
+        return
+    now = time.time()
+    for age, (_, path) in enumerate(reversed(found), start=1):
+        os.utime(path, (now - age, now - age))  # a second apart: Transformers ignores mtimes closer than that
+
+
 def _checkpoint_on_the_way_out(trainer: Any, progress: Any, output_dir: Path, why: str) -> None:
     """A checkpoint of the steps trained so far, unless the interruption landed in the middle of an update."""
     step = trainer.state.global_step
@@ -499,7 +537,10 @@ class HFImageTrainer(BaseTrainer):
             disable_tqdm=True,
             **_optimizer(config.optimizer),
         )
-        progress = _progress_callback(job, steps_per_epoch)
+        resume = _last_complete_checkpoint(output_dir)
+        _stamp_in_step_order(output_dir)
+        moved_best = _moved_best(resume, output_dir) if resume is not None else None
+        progress = _progress_callback(job, steps_per_epoch, moved_best)
         callbacks = [progress] + ([_mlflow_callback(run_id)] if run_id else [])
         trainer = _trainer_class()(
             model=model,
@@ -509,7 +550,6 @@ class HFImageTrainer(BaseTrainer):
             compute_metrics=_compute_metrics,
             callbacks=callbacks,
         )
-        resume = _last_complete_checkpoint(output_dir)
         if resume is not None:
             log.info("resuming from %s", resume)
         try:

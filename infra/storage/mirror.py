@@ -12,7 +12,9 @@ an older manifest names. Only after the pointer moves are the blobs and manifest
 
 Hashes are computed once per file (by inode, size and mtime); a file listed in the torch CheckpointStore's
 `checkpoints.json` with that size takes the sha256 recorded there. Files are staged as hard links before they are
-read, so a checkpoint replaced (renamed over) while it uploads is still read whole.
+read, so a checkpoint replaced (renamed over) while it uploads is still read whole; one the storage lacks is
+uploaded from a copy, so a file rewritten in place cannot change under the upload (its changed mtime then keeps it
+out of the manifest until the next push).
 """
 
 from __future__ import annotations
@@ -130,7 +132,12 @@ class RunMirror:
                     known = {e["file"]: (e["bytes"], e["sha256"]) for e in entries}
             sha = self._sha(staged, before, known.get(rel))
             if sha not in self._stored:
-                self.storage.upload_file(staged, f"blobs/{sha}", sha256=sha)
+                # Uploaded from a private copy: a file written in place (Ultralytics' last.pt, every epoch) would
+                # change length under a multipart upload, whose part then never reaches its Content-Length.
+                frozen = staging / f"{number}.upload"
+                shutil.copyfile(staged, frozen)
+                self.storage.upload_file(frozen, f"blobs/{sha}", sha256=sha)
+                frozen.unlink()
                 uploaded, bytes_uploaded = uploaded + 1, bytes_uploaded + before.st_size
             after = os.stat(staged)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
@@ -143,6 +150,10 @@ class RunMirror:
             inodes[before.st_dev, before.st_ino] = rel
         if not progress and epoch is not None:
             progress = {"epoch": epoch}
+        elif not progress and self._current is not None:
+            # A push naming no epoch (the training step's last one, after training) adds no checkpoint: the
+            # progress stays what the previous manifest says, so a restore can still tell which epoch it brings.
+            progress = self._current[1].get("progress", {})
         manifest = {"version": 1, "files": files, "progress": progress}
         manifest_path = staging / "manifest.json"
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
