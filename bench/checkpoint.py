@@ -8,7 +8,10 @@ Ultralytics' BaseTrainer.save_model, and any other `torch.save` or safetensors `
 work around the libraries' checkpoints (hf-image's checksum manifests, yolo's verified epochN.pt copies). The load
 time is reading the final resumable checkpoint back.
 
-    python bench/checkpoint.py [--trainers torch,hf-image,yolo] [--epochs-scale 1.0]
+    python bench/checkpoint.py [--trainers torch,hf-image,yolo] [--epochs-scale 1.0] [--data-scale 1]
+
+--data-scale N generates N times the demo's images: each epoch takes about N times longer while a checkpoint costs
+the same, which shows the share for epochs longer than the demo's very short ones (0.4 s for hf-image).
 Last line: checkpoint_overhead_pct=<the largest share among the trainers, in %>
 """
 
@@ -133,11 +136,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trainers", default=",".join(DEMOS))
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="fraction of the demo's epochs to train")
+    parser.add_argument("--data-scale", type=int, default=1, help="times the demo's number of images (longer epochs)")
     args = parser.parse_args()
+    n = args.data_scale
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        make_shapes_classification(data / "shapes-cls")
-        make_shapes_detection(data / "shapes-det")
+        make_shapes_classification(data / "shapes-cls", train_per_class=60 * n, val_per_class=20 * n)
+        make_shapes_detection(data / "shapes-det", train_images=64 * n, val_images=16 * n)
         shares = []
         for trainer in args.trainers.split(","):
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the libraries' progress bars
