@@ -105,6 +105,9 @@ def attached_run(run_id: str) -> Iterator[None]:
     if active is not None and active.info.run_id == run_id:
         yield  # already active here: the training step runs inside the train flow's own process
         return
+    # MLflow refuses to continue a run of another experiment than the process's active one (a process that ran
+    # another flow before): the run's own experiment is made active first.
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
     mlflow.start_run(run_id=run_id)
     try:
         yield

@@ -8,7 +8,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
-from tasks.tracking import use_experiment
+from tasks.tracking import attached_run, use_experiment
 
 
 def test_a_run_that_loses_the_race_to_create_its_experiment_still_lands_in_it(stack, monkeypatch):
@@ -32,3 +32,18 @@ def test_a_run_that_loses_the_race_to_create_its_experiment_still_lands_in_it(st
 
     assert raced == [experiment_id]
     assert run.info.experiment_id == experiment_id
+
+
+def test_a_training_step_attaches_to_its_run_in_a_process_where_another_experiment_is_active(stack):
+    """A process that ran another flow before (another experiment active) still continues the request's run:
+    MLflow refuses start_run(run_id) of another experiment than the active one unless Trainyard switches first."""
+    use_experiment(f"other-{uuid.uuid4().hex[:8]}")
+    request_experiment = MlflowClient().create_experiment(f"request-{uuid.uuid4().hex[:8]}")
+    run_id = MlflowClient().create_run(request_experiment).info.run_id
+
+    with attached_run(run_id):
+        mlflow.log_metric("train_loss", 0.5, step=1)
+
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics == {"train_loss": 0.5}
+    assert run.info.status == "RUNNING"  # the train flow, not the step, ends it
