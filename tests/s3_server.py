@@ -68,23 +68,23 @@ def client(endpoint: Endpoint):
     )
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """moto_server on a free port, up and answering; the caller stops it."""
-    port = free_port()
+def start_moto(extra_env: dict[str, str] | None = None, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
+    """moto_server on a free port of `host`, up and answering; the caller stops it."""
+    port = free_port(host)
     moto_server = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
-        [str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
+        [str(moto_server), "-H", host, "-p", str(port)],
         env={**os.environ, **(extra_env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
