@@ -5,6 +5,9 @@ Two settings switch to the shared setup (docs/scale-out.md), each on its own:
 
     TRAINYARD_DATABASE_URL=postgresql://user@host:5432/trainyard   Prefect, MLflow and the platform store on PostgreSQL
     TRAINYARD_ARTIFACT_STORE=s3://bucket/prefix                    MLflow artifacts (proxied) and Prefect results on S3
+
+With an S3 store, TRAINYARD_MLFLOW_ARTIFACTS=direct makes every host write its MLflow artifacts to the bucket itself,
+with its own S3 credentials, instead of sending them through the MLflow server (proxied, the default).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS_BLOCK = "trainyard-results"  # the prefect-aws S3Bucket block every flow run persists its results to
 CREDENTIALS_BLOCK = "trainyard-s3"  # the AwsCredentials block it uses, unless TRAINYARD_S3_CREDENTIALS_BLOCK names one
+MLFLOW_ARTIFACT_MODES = ("proxied", "direct")  # TRAINYARD_MLFLOW_ARTIFACTS (docs/scale-out.md)
 _DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,53}$")  # + "_prefect" stays within PostgreSQL's 63 characters
 
 
@@ -142,6 +146,23 @@ class ArtifactStore:
         return self.key("prefect-results")
 
 
+def mlflow_artifact_mode(value: str, artifact_store: ArtifactStore | None) -> str:
+    """TRAINYARD_MLFLOW_ARTIFACTS: `proxied` (default; only the MLflow server needs S3 credentials) or `direct`
+    (every host writes to S3 with its own), which only an S3 artifact store can be."""
+    mode = value.strip().lower() or "proxied"
+    if mode not in MLFLOW_ARTIFACT_MODES:
+        raise SettingsError(
+            f"TRAINYARD_MLFLOW_ARTIFACTS={value!r}: write proxied (the MLflow server uploads artifacts; only it needs "
+            "S3 credentials) or direct (every host uploads to S3 with its own credentials); unset means proxied"
+        )
+    if mode == "direct" and artifact_store is None:
+        raise SettingsError(
+            "TRAINYARD_MLFLOW_ARTIFACTS=direct needs TRAINYARD_ARTIFACT_STORE=s3://bucket/prefix, the bucket every "
+            "host writes to; set it, or unset TRAINYARD_MLFLOW_ARTIFACTS"
+        )
+    return mode
+
+
 def s3_endpoint_url() -> str | None:
     """The S3 endpoint, as infra.storage reads it (None: AWS itself)."""
     env = os.environ
@@ -158,6 +179,7 @@ class Settings:
     bind_host: str | None = None  # where the servers listen (0.0.0.0 on a control host); default: host
     database: Database | None = None  # PostgreSQL (shared setup); None: SQLite under home
     artifact_store: ArtifactStore | None = None  # S3 (shared setup); None: local files under home
+    mlflow_artifacts: str = "proxied"  # TRAINYARD_MLFLOW_ARTIFACTS: through the MLflow server, or `direct` to S3
     credentials_block: str | None = None  # TRAINYARD_S3_CREDENTIALS_BLOCK, a block of the user's; None: trainyard-s3
     own_store_url: bool = False  # TRAINYARD_STORE_URL is set: the platform store is elsewhere, not in `database`
 
@@ -166,6 +188,7 @@ class Settings:
         """From this process's environment, or from `env`: another host's, as a test or a tool sees it."""
         env = os.environ if env is None else env
         database_url = env.get("TRAINYARD_DATABASE_URL", "").strip()
+        artifact_store = ArtifactStore.parse(env.get("TRAINYARD_ARTIFACT_STORE", "").strip())
         return cls(
             home=Path(env.get("TRAINYARD_HOME", ROOT / ".trainyard")).resolve(),
             host=env.get("TRAINYARD_HOST", "127.0.0.1"),
@@ -174,7 +197,8 @@ class Settings:
             work_pool=env.get("TRAINYARD_WORK_POOL", "trainyard-local"),
             bind_host=env.get("TRAINYARD_BIND_HOST") or None,
             database=Database.parse(database_url) if database_url else None,
-            artifact_store=ArtifactStore.parse(env.get("TRAINYARD_ARTIFACT_STORE", "").strip()),
+            artifact_store=artifact_store,
+            mlflow_artifacts=mlflow_artifact_mode(env.get("TRAINYARD_MLFLOW_ARTIFACTS", ""), artifact_store),
             credentials_block=env.get("TRAINYARD_S3_CREDENTIALS_BLOCK") or None,
             own_store_url=bool(env.get("TRAINYARD_STORE_URL")),
         )
@@ -244,5 +268,9 @@ class Settings:
                 PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=f"s3-bucket/{RESULTS_BLOCK}",
                 # S3 credentials reach flow runs from this Prefect block (infra/storage), not from their environment.
                 TRAINYARD_S3_CREDENTIALS_BLOCK=self.s3_credentials_block,
+                TRAINYARD_MLFLOW_ARTIFACTS=self.mlflow_artifacts,
             )
+        if self.mlflow_artifacts == "direct" and s3_endpoint_url():
+            # MLflow's own S3 client, used by every host in direct mode, reads this name only.
+            env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url()
         return env

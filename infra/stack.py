@@ -5,7 +5,8 @@ runs, and by default the SQLite databases and the artifact files) lives under TR
 
 Roles: `all` (default) is everything on one host; `control` the servers only; `worker` a worker and its warm start
 on a training host, for the servers at TRAINYARD_HOST. TRAINYARD_DATABASE_URL (PostgreSQL) and
-TRAINYARD_ARTIFACT_STORE (s3://) switch the servers to the shared setup (infra/settings.py, docs/scale-out.md).
+TRAINYARD_ARTIFACT_STORE (s3://) switch the servers to the shared setup (infra/settings.py, docs/scale-out.md);
+TRAINYARD_MLFLOW_ARTIFACTS=direct makes every host write MLflow artifacts to S3 itself.
 
 `up` is idempotent: a service already running from this stack is reused; a port held by something else is
 reported with the process that holds it and how to pick another port.
@@ -73,18 +74,14 @@ def prefect_server_service(settings: Settings) -> Service:
 
 
 def mlflow_server_service(settings: Settings) -> Service:
-    """Runs and models in SQLite or the <name>_mlflow database; artifacts in a local directory or, proxied, on S3:
-    clients send them to this server, which alone holds S3 credentials (from its environment)."""
-    home, env = settings.home, {}
-    backend = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
-    destination = str(home / "mlflow" / "artifacts")
+    """Runs and models in SQLite or the <name>_mlflow database; artifacts as _mlflow_artifact_arguments says."""
+    env = {}
+    backend = f"sqlite:///{settings.home / 'mlflow' / 'mlflow.db'}"
     if settings.database:
         backend = settings.database.url("postgresql+psycopg", settings.database.mlflow_database)
         env.update(settings.database.env())
-    if settings.artifact_store:
-        destination = settings.artifact_store.mlflow_destination
-        if s3_endpoint_url():
-            env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url()
+    if settings.artifact_store and s3_endpoint_url():
+        env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url()  # also direct: the UI lists artifacts through the server
     argv = [
         str(BIN / "mlflow"),
         "server",
@@ -96,12 +93,23 @@ def mlflow_server_service(settings: Settings) -> Service:
         "1",  # the default 4 is too many for a 2-core box
         "--backend-store-uri",
         backend,
-        "--artifacts-destination",
-        destination,
+        *_mlflow_artifact_arguments(settings),
         "--allowed-hosts",
         f"{settings.host}:{settings.mlflow_port},localhost:{settings.mlflow_port}",
     ]
     return Service("mlflow-server", argv, settings.mlflow_port, f"{settings.mlflow_uri}/health", env)
+
+
+def _mlflow_artifact_arguments(settings: Settings) -> list[str]:
+    """Proxied (default): clients send artifacts to the server, which writes them to a local directory or, alone
+    holding S3 credentials (its environment), to S3. Direct: the server only records s3:// locations and
+    refuses artifact uploads; each host writes to the bucket with its own credentials."""
+    store = settings.artifact_store
+    if store is None:
+        return ["--artifacts-destination", str(settings.home / "mlflow" / "artifacts")]
+    if settings.mlflow_artifacts == "direct":
+        return ["--no-serve-artifacts", "--default-artifact-root", store.mlflow_destination]
+    return ["--artifacts-destination", store.mlflow_destination]
 
 
 def warm_start_service(settings: Settings) -> Service:
@@ -284,6 +292,7 @@ def up(
     if settings.database:
         os.environ.update(settings.database.env())  # this process creates the store's tables
     if role == "worker":
+        check_training_host(settings)  # before anything starts: its password and its S3 credentials
         check_control_host(settings)
     else:
         prepare_shared_storage(settings)  # databases and bucket first: a wrong setting fails before anything starts
@@ -324,19 +333,21 @@ def prepare_shared_storage(settings: Settings) -> None:
     if settings.artifact_store:
         check_artifact_store(settings)
         store = settings.artifact_store
+        how = "written by each host to" if settings.mlflow_artifacts == "direct" else "proxied to"
         print(
-            f"  artifacts: {store.uri()} (MLflow artifacts proxied to {store.mlflow_destination}, "
+            f"  artifacts: {store.uri()} (MLflow artifacts {how} {store.mlflow_destination}, "
             f"Prefect results in {store.uri('prefect-results')})"
         )
 
 
-def _connect_postgres(database: Database):
-    """A connection to a maintenance database of the server, or a StackError saying why not (never the password)."""
+def _connect_postgres(database: Database, dbnames: tuple[str, ...] | None = None):
+    """A connection to the first of `dbnames` that exists (default: a maintenance database of the server), or a
+    StackError saying why not (never the password)."""
     import psycopg
 
     where = f"PostgreSQL at {database.host}:{database.port} (TRAINYARD_DATABASE_URL={database})"
     problem = ""
-    for dbname in ("postgres", database.name, "template1"):
+    for dbname in dbnames or ("postgres", database.name, "template1"):
         try:
             return psycopg.connect(
                 host=database.host,
@@ -355,6 +366,11 @@ def _connect_postgres(database: Database):
                 break
     if "password authentication failed" in problem or "no password supplied" in problem:
         raise StackError(_password_refused(database, where, problem))
+    if "does not exist" in problem:
+        raise StackError(
+            f"{where}: {problem}. The control host creates Trainyard's databases: run `python -m infra.stack up "
+            "--role control` there first, with the same TRAINYARD_DATABASE_URL"
+        )
     raise StackError(
         f"{where} cannot be reached: {problem}. Start PostgreSQL, or fix the host, port or user in "
         "TRAINYARD_DATABASE_URL (give a password as PGPASSWORD or in ~/.pgpass); unset it for the embedded SQLite"
@@ -471,6 +487,21 @@ def check_result_storage(settings: Settings) -> None:
             f"the Prefect server at {settings.prefect_api} has no s3-bucket/{RESULTS_BLOCK} block for flow results: "
             "start the control host with the same TRAINYARD_ARTIFACT_STORE (python -m infra.stack up --role control)"
         ) from None
+
+
+def check_training_host(settings: Settings) -> None:
+    """What this host's flow runs will need on their own, checked before its worker starts: the platform store's
+    database with this host's password, and, with direct MLflow artifacts, S3 credentials that reach the bucket."""
+    from infra.mlflow_artifacts import MissingS3Credentials, require_s3_credentials
+
+    if settings.database and not settings.own_store_url:
+        _connect_postgres(settings.database, (settings.database.name,)).close()
+    if settings.mlflow_artifacts == "direct":
+        try:
+            require_s3_credentials(settings.artifact_store.mlflow_destination, "TRAINYARD_MLFLOW_ARTIFACTS=direct")
+        except MissingS3Credentials as error:
+            raise StackError(str(error)) from None
+        check_artifact_store(settings)  # wrong keys or endpoint: said here, not at the first upload
 
 
 def check_control_host(settings: Settings) -> None:

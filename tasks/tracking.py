@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from prefect.exceptions import Pause
 from prefect.runtime import flow_run
 
+from infra.mlflow_artifacts import require_s3_credentials
 from infra.settings import ROOT
 from trainers.base import TrainingPaused
 from trainers.data.spec import DatasetSpec
@@ -52,7 +53,9 @@ def use_experiment(name: str) -> str:
 def pipeline_run(request, dataset: DatasetSpec, ranking) -> Iterator[str]:
     """Start the run (or continue this flow run's unfinished one), yield its id; end it FINISHED, or FAILED
     (KILLED on cancel, SCHEDULED on pause) when the stage raises."""
-    use_experiment(request.experiment)
+    experiment = mlflow.get_experiment(use_experiment(request.experiment))
+    # Direct MLflow artifacts: a host without S3 credentials stops here, not at its first upload after training.
+    require_s3_credentials(experiment.artifact_location, f"MLflow experiment {experiment.name!r}")
     ui = flow_run.ui_url
     tags = {
         **request.tags,
@@ -107,7 +110,9 @@ def attached_run(run_id: str) -> Iterator[None]:
         return
     # MLflow refuses to continue a run of another experiment than the process's active one (a process that ran
     # another flow before): the run's own experiment is made active first.
-    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+    run = mlflow.get_run(run_id)
+    require_s3_credentials(run.info.artifact_uri, f"MLflow run {run_id}")
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
     mlflow.start_run(run_id=run_id)
     try:
         yield

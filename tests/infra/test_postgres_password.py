@@ -29,7 +29,7 @@ from urllib.parse import quote
 import psutil
 import pytest
 from s3_server import free_port
-from test_shared_stack import _stack_processes, clean_env, cli, python
+from test_shared_stack import _stack_processes, clean_env, cli, deploy_torch_demo, python, train_on_a_worker
 
 from infra import stack as trainyard_stack
 from infra.settings import Settings
@@ -39,6 +39,7 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USER = "ty_pw_user"
 # Random per run, and every character that breaks a URL unless percent-encoded: @ : / % #
 PASSWORD = f"p@ss:w/rd%#{secrets.token_hex(6)}"
+POOL = "trainyard-local"  # the torch demo deployment's pool (prefect.yaml), served by the worker host
 WRONG_PASSWORD = f"wr@ng:p/ss%#{secrets.token_hex(6)}"
 SECRETS = (PASSWORD, quote(PASSWORD, safe=""), WRONG_PASSWORD, quote(WRONG_PASSWORD, safe=""))
 
@@ -308,6 +309,108 @@ def test_the_password_shows_in_no_log_command_line_env_file_or_env_output(contro
     for service in trainyard_stack.services(control.settings)[:2]:  # the Prefect server, the MLflow server
         assert trainyard_stack.running(control.settings, service).environ()["PGPASSWORD"] == PASSWORD
     assert "PGPASSWORD" not in control.settings.client_env()
+
+
+# --- A training host on the same cluster ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerHost:
+    settings: Settings
+    env: dict[str, str]
+    up_output: str
+
+
+def _shell(env: dict[str, str]) -> dict[str, str]:
+    """A host's shell after `source .trainyard/env`: its environment and what `infra.stack env` prints there."""
+    printed = cli("env", env=env).stdout
+    return env | dict(line.removeprefix("export ").split("=", 1) for line in printed.splitlines())
+
+
+@pytest.fixture(scope="module")
+def worker_host(control, tmp_path_factory) -> Iterator[WorkerHost]:
+    """The torch demo deployed from the control host's shell (which has PGPASSWORD for the store, as the docs
+    say), then `up --role worker` on a host of its own: the same URL with the password percent-encoded in it."""
+    deploy_torch_demo(_shell(control.env) | {"PGPASSWORD": PASSWORD})
+    home = tmp_path_factory.mktemp("pg-password-worker")
+    env = control.env | {"TRAINYARD_HOME": str(home / "home"), "PGPASSFILE": str(home / "no-pgpass")}
+    try:
+        up = cli("up", "--role", "worker", "--pool", POOL, "--name", "pw-gpu-host", env=env)
+        yield WorkerHost(Settings.from_env(env), env, up.stdout)
+    finally:
+        cli("down", env=env, check=False)
+
+
+def test_a_training_run_through_the_worker_host_records_in_the_password_cluster(cluster, worker_host, shapes_cls):
+    settings = worker_host.settings
+    experiment = f"pw-worker-{uuid.uuid4().hex[:6]}"
+    run = train_on_a_worker(settings.prefect_api, shapes_cls, experiment)
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
+    worker_log = (settings.home / "logs" / "worker.log").read_text(errors="replace")
+    assert f"Worker 'pw-gpu-host' submitting flow run '{run.id}'" in worker_log  # this host ran it
+
+    database = settings.database
+    with cluster.connect(database.mlflow_database) as mlflow_db:
+        runs = mlflow_db.execute(
+            "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "JOIN experiments e ON e.experiment_id = r.experiment_id "
+            "WHERE t.key = 'prefect.flow_run_id' AND t.value = %s AND e.name = %s",
+            [str(run.id), experiment],
+        ).fetchall()
+        assert [status for _, status in runs] == ["FINISHED"]
+        recorded = mlflow_db.execute(
+            "SELECT key || '=' || value FROM params WHERE run_uuid = %(run)s "
+            "UNION ALL SELECT key || '=' || value FROM tags WHERE run_uuid = %(run)s "
+            "UNION ALL SELECT key FROM metrics WHERE run_uuid = %(run)s",
+            {"run": runs[0][0]},
+        ).fetchall()
+    with cluster.connect(database.name) as store_db:
+        attempts = store_db.execute("SELECT * FROM attempts WHERE request_id = %s", [str(run.id)]).fetchall()
+        outcomes = store_db.execute("SELECT outcome FROM attempts WHERE request_id = %s", [str(run.id)]).fetchall()
+    assert outcomes == [("completed",)]  # the ledger, written from the worker host's flow run
+    with cluster.connect(database.prefect_database) as prefect_db:
+        (parameters,) = prefect_db.execute("SELECT parameters::text FROM flow_run WHERE id = %s", [run.id]).fetchone()
+        logs = [row[0] for row in prefect_db.execute("SELECT message FROM log WHERE flow_run_id = %s", [run.id])]
+    assert logs, "the flow run sent no logs"
+
+    texts = {
+        "MLflow params, tags and metric names": "\n".join(row[0] for row in recorded),
+        "attempts rows": repr(attempts),
+        "flow run parameters": parameters,
+        "flow run logs": "\n".join(logs),
+        "worker host up output": worker_host.up_output,
+        "worker host env output": cli("env", env=worker_host.env).stdout,
+        "worker host status": cli("status", "--role", "worker", env=worker_host.env).stdout,
+        str(settings.home / "env"): (settings.home / "env").read_text(),
+    }
+    texts |= {str(path): path.read_text(errors="replace") for path in (settings.home / "logs").glob("*.log")}
+    processes = _stack_processes(settings)  # the worker and the warm-start server (flow runs are forked from it)
+    assert len(processes) >= 2
+    texts |= {f"pid {p.pid} command line": " ".join(p.cmdline()) for p in processes}
+    assert not _leaks(texts), f"the password shows in: {_leaks(texts)}"
+    for service in trainyard_stack.services(settings)[2:]:  # where it belongs: the worker's and warm start's env
+        assert trainyard_stack.running(settings, service).environ()["PGPASSWORD"] == PASSWORD
+
+
+@pytest.mark.parametrize("given", ["url", "PGPASSWORD", "none"])
+def test_a_wrong_or_missing_password_stops_the_worker_host_as_it_stops_the_control_host(control, tmp_path, given):
+    """The worker host checks its password before it starts anything, with the control host's one-line error."""
+    right = control.env["TRAINYARD_DATABASE_URL"]  # the password percent-encoded in it
+    if given == "url":
+        url = right.replace(quote(PASSWORD, safe=""), quote(WRONG_PASSWORD, safe=""))
+    else:
+        url = right.replace(f":{quote(PASSWORD, safe='')}@", "@")
+    env = control.env | {"TRAINYARD_HOME": str(tmp_path / "worker"), "TRAINYARD_DATABASE_URL": url}
+    env |= {"PGPASSWORD": WRONG_PASSWORD} if given == "PGPASSWORD" else {}
+    worker = cli("up", "--role", "worker", "--pool", "pw-refused", env=env, check=False, timeout=120)
+    as_control = cli("up", "--role", "control", env=env | {"TRAINYARD_HOME": str(tmp_path / "c")}, check=False)
+    assert worker.returncode == 2, worker.stdout + worker.stderr
+    error = worker.stderr.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error: PostgreSQL at "), error
+    assert error == as_control.stderr.strip()  # word for word what the control host says
+    assert f"refused user {USER}" in error and ("PGPASSWORD" in error), error
+    assert not _leaks({"stdout": worker.stdout, "stderr": worker.stderr})
+    assert not (tmp_path / "worker" / "pids").exists() and not (tmp_path / "worker" / "logs").exists()
 
 
 def test_down_leaves_nothing_running(control):

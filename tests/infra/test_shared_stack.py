@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +94,48 @@ def python(code: str, env: dict[str, str], timeout: float = 300) -> subprocess.C
     return done
 
 
+def deploy_torch_demo(shell_env: dict[str, str]) -> None:
+    """`make deploy` as the scale test runs it on the control host: seeded profiles and the torch demo deployment
+    (flows/train.py on the trainyard-local pool). `shell_env`: that host's shell after `source .trainyard/env`."""
+    for command in (
+        [sys.executable, "-m", "infra.profiles", "seed", "--if-empty"],
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "-n", "torch-shapes"],
+    ):
+        done = subprocess.run(command, cwd=ROOT, env=shell_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{' '.join(command[1:])}:\n{done.stdout}\n{done.stderr}"
+
+
+def train_on_a_worker(prefect_api: str, dataset: Path, experiment: str, timeout: float = 600):
+    """The smallest real training the scale test runs (1 epoch, 32 px), triggered on the torch demo deployment
+    and waited for; its final flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    parameters = {"dataset": str(dataset), "epochs": 1, "image_size": 32, "batch_size": 8}
+    parameters |= {"experiment": experiment, "registered_model": experiment}
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + timeout
+            while not (run := client.read_flow_run(run.id)).state.is_final() and time.monotonic() < deadline:
+                time.sleep(1)
+    return run
+
+
+def flow_run_logs(prefect_api: str, flow_run_id) -> str:
+    """Every log line of a flow run on the Prefect server, as the UI shows them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    logs, where = [], LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        while page := client.read_logs(where, limit=200, offset=len(logs)):  # the server pages at 200
+            logs += page
+    return "\n".join(log.message for log in logs)
+
+
 def clean_env(tmp: Path) -> dict[str, str]:
     """This process's environment without the session stack's settings (PREFECT_*, MLFLOW_*, TRAINYARD_*, AWS_*)."""
     dropped = ("PREFECT_", "MLFLOW_", "TRAINYARD_", "AWS_", "PG")
@@ -114,8 +157,9 @@ def postgres_or_skip():
 
 
 @contextmanager
-def shared_stack(tmp: Path) -> Iterator[SharedStack]:
-    """Fresh databases, a moto S3 server and a bucket, then `up --role control`; `down` and drop all at the end."""
+def shared_stack(tmp: Path, settings_env: dict[str, str] | None = None) -> Iterator[SharedStack]:
+    """Fresh databases, a moto S3 server and a bucket, then `up --role control` with `settings_env` added to the
+    control host's environment; `down` and drop all at the end."""
     from psycopg import sql
 
     admin = postgres_or_skip()
@@ -149,6 +193,7 @@ def shared_stack(tmp: Path) -> Iterator[SharedStack]:
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
+            **(settings_env or {}),
         }
         settings = Settings.from_env(control_env)
         try:
