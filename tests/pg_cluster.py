@@ -54,25 +54,31 @@ def run_as_postgres(*argv: str, timeout: float = 120) -> subprocess.CompletedPro
 
 @contextmanager
 def throwaway_cluster(
-    port: int, *, listen: str = "127.0.0.1", initdb_args: tuple[str, ...] = ("--auth=trust",), hba: str = ""
+    port: int, *, listen: str = "127.0.0.1", superuser_password: str | None = None, hba: str = ""
 ) -> Iterator[RunningCluster]:
-    """initdb (with `initdb_args`: the auth method, a --pwfile the postgres user can read), append `hba` to
-    pg_hba.conf, then start on listen:port."""
+    """initdb, append `hba` to pg_hba.conf, start on listen:port. With a superuser password every connection must
+    give a password (scram-sha-256); without one, the cluster trusts what pg_hba.conf lets in."""
     root = Path(tempfile.mkdtemp(prefix="ty-pg-"))  # short: the socket path must stay under 108 bytes
-    data, sockets, log = root / "data", root / "sock", root / "server.log"
+    data, sockets, log, pwfile = root / "data", root / "sock", root / "server.log", root / "pwfile"
     try:
         sockets.mkdir()
+        auth = ["--auth=trust"]
+        if superuser_password is not None:
+            pwfile.write_text(superuser_password + "\n")
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
         if os.geteuid() == 0:
-            for path in (root, sockets):
+            for path in (root, sockets, *([pwfile] if pwfile.exists() else [])):
                 shutil.chown(path, "postgres", "postgres")
         initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--locale=C", "--encoding=UTF8"]
-        done = run_as_postgres(*initdb, "--no-sync", *initdb_args)
+        done = run_as_postgres(*initdb, "--no-sync", *auth)
+        pwfile.unlink(missing_ok=True)
         assert done.returncode == 0, f"initdb failed:\n{done.stdout}\n{done.stderr}"
         if hba:
             with open(data / "pg_hba.conf", "a") as conf:
                 conf.write(hba.rstrip() + "\n")
         options = f"-p {port} -k {sockets} -c listen_addresses={listen} -c fsync=off -c full_page_writes=off"
-        done = run_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"]
+        done = run_as_postgres(*pg_ctl)
         assert done.returncode == 0, f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{tail(log)}"
         yield RunningCluster(listen, port, root)
     finally:

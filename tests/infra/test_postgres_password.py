@@ -13,13 +13,7 @@ missing.
 
 from __future__ import annotations
 
-import os
-import pwd
 import secrets
-import shutil
-import signal
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,14 +22,13 @@ from urllib.parse import quote
 
 import psutil
 import pytest
+from pg_cluster import missing_programs, throwaway_cluster
 from s3_server import free_port
 from test_shared_stack import _stack_processes, clean_env, cli, deploy_torch_demo, python, train_on_a_worker
 
 from infra import stack as trainyard_stack
 from infra.settings import Settings
 
-PG_BIN = Path(os.environ.get("TRAINYARD_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USER = "ty_pw_user"
 # Random per run, and every character that breaks a URL unless percent-encoded: @ : / % #
 PASSWORD = f"p@ss:w/rd%#{secrets.token_hex(6)}"
@@ -67,78 +60,19 @@ class Cluster:
         )
 
 
-def _as_postgres() -> list[str]:
-    """PostgreSQL refuses to run as root: as root, run its programs as the `postgres` OS user."""
-    return [shutil.which("runuser", path=SYSTEM_PATH) or "runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-
-def _missing() -> list[str]:
-    missing = [str(PG_BIN / b) for b in ("initdb", "pg_ctl", "postgres") if not os.access(PG_BIN / b, os.X_OK)]
-    if os.geteuid() == 0:
-        if not shutil.which("runuser", path=SYSTEM_PATH):
-            missing.append("runuser (util-linux), to run PostgreSQL as the postgres user")
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            missing.append("a `postgres` OS user (PostgreSQL refuses to run as root)")
-    return missing
-
-
-def _pg(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {"PATH": SYSTEM_PATH, "LC_ALL": "C", "LANG": "C"}  # none of the PG* variables of this process
-    return subprocess.run([*_as_postgres(), *argv], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _stop_cluster(data: Path) -> None:
-    if not (data / "postmaster.pid").exists():
-        return
-    done = _pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop", timeout=60)
-    if done.returncode != 0 and (data / "postmaster.pid").exists():  # our own postmaster, by its pid
-        pid = int((data / "postmaster.pid").read_text().split()[0])
-        try:
-            os.kill(pid, signal.SIGKILL)
-            psutil.Process(pid).wait(timeout=10)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            pass
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    missing = _missing()
-    if missing:
+    if missing := missing_programs():
         pytest.skip(f"needs PostgreSQL's server programs to start a cluster with passwords; missing: {missing}")
     from psycopg import sql
 
-    root = Path(tempfile.mkdtemp(prefix="ty-pg-"))  # short: the socket path must stay under 108 bytes
-    data, socket_dir, log = root / "data", root / "sock", root / "server.log"
     superuser_password = secrets.token_urlsafe(16)
-    try:
-        socket_dir.mkdir()
-        pwfile = root / "pwfile"
-        pwfile.write_text(superuser_password + "\n")
-        if os.geteuid() == 0:
-            for path in (root, socket_dir, pwfile):
-                shutil.chown(path, "postgres", "postgres")
-        initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256"]
-        done = _pg(*initdb, f"--pwfile={pwfile}", "--locale=C", "--encoding=UTF8", "--no-sync")
-        pwfile.unlink()
-        assert done.returncode == 0, f"initdb failed:\n{done.stdout}\n{done.stderr}"
-        port = free_port()
-        options = f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-        done = _pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
-        assert done.returncode == 0, f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{_tail(log)}"
-        running = Cluster(port, root, superuser_password)
+    with throwaway_cluster(free_port(), superuser_password=superuser_password) as started:
+        running = Cluster(started.port, started.root, superuser_password)
         with running.connect(admin=True) as admin:
             role = sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}")
             admin.execute(role.format(sql.Identifier(USER), sql.Literal(PASSWORD)))
         yield running
-    finally:
-        _stop_cluster(data)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _tail(log: Path) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
 
 
 def _env(cluster: Cluster, home: Path, database_url: str) -> dict[str, str]:
