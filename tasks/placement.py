@@ -33,7 +33,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, Pause
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.train_step import read_result
+from flows.train_step import mark_run_directory, read_result
 from infra.pools import observe
 from infra.selection import Ranking
 from infra.store import Attempt, ComputeProfile, Store
@@ -256,6 +256,7 @@ class Placement:
             why = "paused" if state.paused else "no online worker"
             self._end(self._begin(profile, "no-worker"), profile, "no-worker", f"pool {profile.work_pool}: {why}")
             return None
+        mark_run_directory(self.output_dir)  # without an artifact store, a step that cannot see it stops at once
         child = run_deployment(
             profile.deployment,
             parameters={

@@ -193,14 +193,21 @@ class CheckpointUploads(Callback):
             self.logger.error("the last checkpoint was not uploaded to %s: %s", self.mirror.uri, push_error)
 
 
-def restore_checkpoints(mirror: RunMirror) -> None:
-    """Fetch the run's checkpoints from the artifact store when this host's run directory lacks them."""
-    restored = mirror.restore()
-    if restored is not None:
+def restore_checkpoints(mirror: RunMirror, required: str | None = None) -> None:
+    """Fetch the run's checkpoints from the artifact store when this host's run directory is behind the pushed
+    copy (or lacks `required`); a copy as new or newer is kept, with nothing downloaded."""
+    restored = mirror.restore(required)
+    if restored is None:
+        return
+    if restored.fetched:
         get_run_logger().info(
-            "restored %d checkpoint files (%d bytes, epoch %s) from %s into %s",
+            "restored %d checkpoint files (%d bytes, epoch %s) from %s into %s: %s",
             restored.files, restored.bytes, restored.progress.get("epoch"), mirror.uri, mirror.directory,
+            restored.reason,
         )  # fmt: skip
+    else:
+        get_run_logger().info("checkpoints in %s kept, nothing fetched from %s: %s", mirror.directory, mirror.uri,
+                              restored.reason)  # fmt: skip
 
 
 # --- the exported model ----------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ Hashes are computed once per file (by inode, size and mtime); a file listed in t
 read, so a checkpoint replaced (renamed over) while it uploads is still read whole; one the storage lacks is
 uploaded from a copy, so a file rewritten in place cannot change under the upload (its changed mtime then keeps it
 out of the manifest until the next push).
+
+Each push and restore leaves a record in the directory (`.trainyard-mirror.json`, hidden, so never pushed): the
+manifest it matches and that manifest's progress. A restore compares it (or, fresher, torch's `checkpoints.json`)
+with the pushed manifest and fetches only when the pushed copy is newer, or when the directory lacks a file the
+caller needs; what it fetches replaces the directory, files the manifest does not name included.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 POINTER = "latest.json"
 CHECKPOINT_MANIFEST = "checkpoints.json"  # trainers.checkpoints.MANIFEST: staged first, restored last
 EXCLUDED_DIRS = ("export",)  # the export stage writes there after training: not needed to resume
+RECORD = ".trainyard-mirror.json"  # this directory's last push or restore: hidden, so never pushed itself
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,11 @@ class PushResult:
 
 @dataclass(frozen=True)
 class RestoreResult:
-    files: int
-    bytes: int
-    progress: dict
+    fetched: bool  # False: the directory was kept as it is
+    reason: str  # why it was fetched or kept, for the log
+    files: int = 0
+    bytes: int = 0
+    progress: dict | None = None  # of the pushed manifest
 
 
 def _progress_of(checkpoints_json: Path) -> dict:
@@ -67,6 +75,12 @@ def _progress_of(checkpoints_json: Path) -> dict:
 
 def _newer(remote: dict, local: dict) -> bool:
     return (remote.get("epoch", -1), remote.get("step", -1)) > (local.get("epoch", -1), local.get("step", -1))
+
+
+def describe(progress: dict) -> str:
+    """`epoch 2`, `epoch 2, step 20`, or `no recorded progress`."""
+    shown = ", ".join(f"{name} {progress[name]}" for name in ("epoch", "step") if name in progress)
+    return shown or "no recorded progress"
 
 
 class RunMirror:
@@ -161,6 +175,7 @@ class RunMirror:
         key = f"manifests/{digest}.json"
         self.storage.upload_file(manifest_path, key, pointer=POINTER, sha256=digest)
         deleted = self._collect(key, manifest)
+        self._write_record(key, progress)
         log.info(
             "checkpoints of %s pushed to %s: %d files, %d uploaded (%d bytes), %d deleted",
             self.directory.name, self.storage.uri, len(files), uploaded, bytes_uploaded, deleted,
@@ -200,30 +215,70 @@ class RunMirror:
         self._stored |= {entry["sha256"] for entry in manifest["files"].values()}
         return pointer.key, manifest
 
+    # --- the record of what the directory holds --------------------------------------------------------------
+
+    def _write_record(self, key: str, progress: dict) -> None:
+        record = self.directory / RECORD
+        tmp = record.with_name(f"{RECORD}.tmp")
+        tmp.write_text(json.dumps({"manifest": key, "progress": progress}))
+        os.replace(tmp, record)
+
+    def _local_progress(self) -> tuple[str | None, dict]:
+        """The manifest this directory last matched (None: unknown) and its progress; CheckpointStore's own
+        manifest, when there is one, is fresher than the record (checkpoints saved since the last push)."""
+        try:
+            record = json.loads((self.directory / RECORD).read_text())
+        except (OSError, ValueError):
+            record = {}
+        checkpoints = _progress_of(self.directory / CHECKPOINT_MANIFEST)
+        return record.get("manifest"), checkpoints or record.get("progress") or {}
+
+    def _why_fetch(self, key: str, pushed: dict, required: str | None) -> tuple[bool, str]:
+        """Whether to replace the directory with the pushed manifest `key`, and why (for the log)."""
+        if not (self.directory.is_dir() and any(self._files())):
+            return True, "this host holds none of them"
+        if required and not (self.directory / required).exists():
+            return True, f"this host's copy lacks {required}"
+        matched, local = self._local_progress()
+        if matched != key and not local:
+            return True, "this host's copy records no progress"
+        if matched != key and _newer(pushed, local):
+            return True, f"the pushed copy ({describe(pushed)}) is newer than this host's ({describe(local)})"
+        if _newer(local, pushed):
+            return False, f"this host's copy ({describe(local)}) is newer than the pushed one ({describe(pushed)})"
+        if matched == key:
+            return False, f"this host's copy is the pushed one ({describe(pushed)})"
+        return False, f"this host's copy ({describe(local)}) is as new as the pushed one ({describe(pushed)})"
+
     # --- restore ---------------------------------------------------------------------------------------------
 
-    def restore(self) -> RestoreResult | None:
-        """Fetch the newest pushed checkpoints into the directory when it lacks them; None when nothing was fetched.
+    def restore(self, required: str | None = None) -> RestoreResult | None:
+        """Make the directory the newest pushed copy when it is behind; None when nothing was ever pushed.
 
-        Fetched when the directory holds no files, or when its CheckpointStore manifest is behind the pushed one.
-        Every file is verified against its sha256 before it is put in place; CheckpointStore's manifest goes last.
+        Fetched when the directory holds no files, lacks `required` (a path in it), records no progress, or is
+        behind the pushed manifest's progress; a copy as new or newer is kept and nothing is downloaded. Every
+        file is verified against its sha256 before it is put in place; CheckpointStore's manifest goes last, and
+        files the pushed manifest does not name are removed (an older copy's stale checkpoints).
         """
         with self._lock:
             self._current = current = self._read_current()
             if current is None:
                 return None
             key, manifest = current
-            local = self.directory / CHECKPOINT_MANIFEST
-            has_files = self.directory.is_dir() and any(self._files())
-            if has_files and not (local.exists() and _newer(manifest["progress"], _progress_of(local))):
-                log.info("%s already holds its checkpoints (as new as %s): nothing fetched", self.directory, key)
-                return None
+            fetch, reason = self._why_fetch(key, manifest["progress"], required)
+            if not fetch:
+                log.info("%s kept, nothing fetched: %s", self.directory, reason)
+                return RestoreResult(False, reason, progress=manifest["progress"])
             self.directory.mkdir(parents=True, exist_ok=True)
             staging = f".{self.directory.name}.restore-"
             with tempfile.TemporaryDirectory(prefix=staging, dir=self.directory.parent) as tmp:
-                return self._restore(Path(tmp), manifest)
+                files, size = self._restore(Path(tmp), manifest)
+            self._write_record(key, manifest["progress"])
+            log.info("restored %d checkpoint files (%d bytes) from %s into %s: %s", files, size, self.uri,
+                     self.directory, reason)  # fmt: skip
+            return RestoreResult(True, reason, files, size, manifest["progress"])
 
-    def _restore(self, staging: Path, manifest: dict) -> RestoreResult:
+    def _restore(self, staging: Path, manifest: dict) -> tuple[int, int]:
         files: dict[str, dict] = manifest["files"]
         for sha in {entry["sha256"] for entry in files.values()}:
             self.storage.download_file(f"blobs/{sha}", staging / sha, sha256=sha)  # verified, or it raises
@@ -239,6 +294,17 @@ class RunMirror:
             else:
                 shutil.copyfile(staging / entry["sha256"], tmp)  # a copy each: in-place writes never spread
             os.replace(tmp, dest)
-        size = sum(entry["bytes"] for entry in files.values() if "link" not in entry)
-        log.info("restored %d checkpoint files (%d bytes) from %s into %s", len(files), size, self.uri, self.directory)
-        return RestoreResult(len(files), size, manifest["progress"])
+        self._remove_unlisted(files)
+        return len(files), sum(entry["bytes"] for entry in files.values() if "link" not in entry)
+
+    def _remove_unlisted(self, files: dict[str, dict]) -> None:
+        """Remove what an older copy holds beyond the manifest (checkpoints the pushed run has rotated away):
+        a trainer resuming from the directory must see the pushed run only, with no stale or empty folder."""
+        for path in self._files():
+            if path.relative_to(self.directory).as_posix() not in files:
+                path.unlink()
+        for dirpath, _, _ in os.walk(self.directory, topdown=False):  # the deepest first
+            rel = Path(dirpath).relative_to(self.directory)
+            kept = not rel.parts or rel.parts[0] in EXCLUDED_DIRS or any(p.startswith(".") for p in rel.parts)
+            if not kept and not any(Path(dirpath).iterdir()):
+                Path(dirpath).rmdir()

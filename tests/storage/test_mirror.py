@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ def test_push_then_restore_on_another_host_resumes_the_newest_checkpoint(s3, buc
     other = CheckpointStore(tmp_path / "host-b" / "run")
     restored = RunMirror(storage_for(f"s3://{bucket}/proj/run-1/checkpoints"), other.directory).restore()
 
-    assert restored is not None and restored.progress == {"epoch": 2, "step": 20}
+    assert restored.fetched and restored.progress == {"epoch": 2, "step": 20}
+    assert restored.reason == "this host holds none of them"
     path, state = other.latest(lambda p: torch.load(p, weights_only=False))
     assert path.name == "ckpt-e0002-s00000020.pt" and state["epoch"] == 2
     assert os.path.samefile(other.directory / "last.pt", path)
@@ -60,8 +62,92 @@ def test_restore_keeps_a_local_directory_that_is_as_new(s3, bucket, tmp_path):
     mirror.push(1)
     save(store, 2)  # not pushed yet: the local directory is ahead
 
-    assert RunMirror(storage_for(f"s3://{bucket}/p/checkpoints"), store.directory).restore() is None
+    kept = RunMirror(storage_for(f"s3://{bucket}/p/checkpoints"), store.directory).restore()
+    assert not kept.fetched and kept.reason == (
+        "this host's copy (epoch 2, step 20) is newer than the pushed one (epoch 1, step 10)"
+    )
     assert CheckpointStore(store.directory).entries()[-1].epoch == 2
+
+
+def write(directory, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_bytes(data)
+
+
+def tree(directory) -> dict[str, bytes]:
+    """Every file a trainer would see (the mirror's hidden record aside)."""
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in directory.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def blob_downloads(mirror: RunMirror) -> list[str]:
+    """The checkpoint files this mirror's storage client downloads from now on."""
+    fetched: list[str] = []
+    mirror.storage.client.meta.events.register(
+        "before-parameter-build.s3.GetObject",
+        lambda params, **_: fetched.append(params["Key"]) if "/blobs/" in params["Key"] else None,
+    )
+    return fetched
+
+
+def test_an_older_copy_without_checkpoints_json_is_replaced_by_the_newer_push(s3, bucket, tmp_path):
+    """hf-image and yolo directories have no checkpoints.json: what the copy holds is told by the mirror's record."""
+    host_a, host_b = tmp_path / "host-a" / "run", tmp_path / "host-b" / "run"
+    uri = f"s3://{bucket}/older/checkpoints"
+    write(host_a, {"checkpoint-8/model.bin": b"epoch 1", "checkpoint-8/state.json": b"{}"})
+    RunMirror(storage_for(uri), host_a).push(1)
+    shutil.copytree(host_a, host_b)  # host B keeps this copy (epoch 1)
+    mirror_a = RunMirror(storage_for(uri), host_a)
+    write(host_a, {"checkpoint-16/model.bin": b"epoch 2", "checkpoint-16/state.json": b"{}"})
+    shutil.rmtree(host_a / "checkpoint-8")  # rotated away
+    mirror_a.push(2)
+
+    restored = RunMirror(storage_for(uri), host_b).restore()
+
+    assert restored.fetched and restored.progress == {"epoch": 2}
+    assert restored.reason == "the pushed copy (epoch 2) is newer than this host's (epoch 1)"
+    assert tree(host_b) == tree(host_a)  # checkpoint-8, which the pushed run no longer has, is gone with its folder
+    assert not (host_b / "checkpoint-8").exists()
+
+
+def test_a_copy_that_is_the_pushed_one_or_newer_downloads_nothing(s3, bucket, tmp_path):
+    run = tmp_path / "run"
+    uri = f"s3://{bucket}/same/checkpoints"
+    write(run, {"weights/last.pt": b"epoch 2"})
+    RunMirror(storage_for(uri), run).push(2)
+
+    mirror = RunMirror(storage_for(uri), run)
+    downloads = blob_downloads(mirror)
+    kept = mirror.restore()
+    write(run, {"weights/last.pt": b"epoch 3, not pushed yet"})
+    kept_again = mirror.restore()
+
+    assert (kept.fetched, kept.reason) == (False, "this host's copy is the pushed one (epoch 2)")
+    assert not kept_again.fetched and downloads == []
+    assert (run / "weights" / "last.pt").read_bytes() == b"epoch 3, not pushed yet"
+
+
+def test_a_copy_that_lacks_a_required_file_is_fetched_even_when_as_new(s3, bucket, tmp_path):
+    host_a, host_b = tmp_path / "host-a" / "run", tmp_path / "host-b" / "run"
+    uri = f"s3://{bucket}/required/checkpoints"
+    write(host_a, {"weights/best.pt": b"best"})
+    RunMirror(storage_for(uri), host_a).push(2)
+    shutil.copytree(host_a, host_b)
+    write(host_a, {"train-result.json": b"{}"})  # written after training, pushed with the same progress
+    RunMirror(storage_for(uri), host_a).push()
+
+    mirror = RunMirror(storage_for(uri), host_b)
+    downloads = blob_downloads(mirror)
+    assert not mirror.restore().fetched and downloads == []  # as new: kept
+    restored = mirror.restore(required="train-result.json")
+
+    assert restored.fetched and restored.reason == "this host's copy lacks train-result.json"
+    assert len(downloads) == 2  # best.pt and train-result.json, each verified
+    assert tree(host_b) == tree(host_a)
 
 
 def test_restore_with_nothing_pushed_does_nothing(s3, bucket, tmp_path):
