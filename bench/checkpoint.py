@@ -1,5 +1,6 @@
 """Checkpoint cost: save and load time and size for each trainer's demo model, and checkpointing's share of the
-training wall time at the default interval (every epoch).
+training wall time at the default policy (a checkpoint every epoch, but none less than
+checkpoint.min_interval_seconds = 10 s after the previous one, and always the last epoch).
 
 Each trainer trains its demo configuration (prefect.yaml) on the generated demo data, directly through trainers/.
 Time spent writing checkpoints is measured where they are written, counting only the outermost call: the torch

@@ -58,6 +58,7 @@ def _train(dataset: str, profiles: list[str], epochs: int = 2):
         epochs=epochs,
         image_size=32,
         batch_size=8,
+        checkpoint={"min_interval_seconds": 0},  # short epochs, each checkpointed: worker_death kills mid-training
         experiment="bench-failover",
         return_state=True,
     )

@@ -97,7 +97,8 @@ class Trainer(abc.ABC):
 
     @abc.abstractmethod
     def train(self, job: TrainJob) -> TrainResult:
-        """Train, writing checkpoints every `config.checkpoint.every_n_epochs`; resume if a checkpoint exists."""
+        """Train, writing checkpoints as `config.checkpoint` says (every_n_epochs, no sooner than
+        min_interval_seconds apart except the last epoch and requested ones); resume if a checkpoint exists."""
 
     @abc.abstractmethod
     def evaluate(self, job: TrainJob, checkpoint: Path, split: str) -> dict[str, float]:

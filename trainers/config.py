@@ -49,6 +49,14 @@ class CheckpointPolicy(StrictModel):
         description="Also write one when this many seconds have passed since the last, mid-epoch where the trainer "
         "allows it (torch); at most one interval of work is lost to a crash.",
     )
+    min_interval_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Skip an epoch checkpoint that is due while the previous checkpoint is younger than this many "
+        "seconds (0 = every due epoch), so that short epochs do not spend their time writing checkpoints. The last "
+        "epoch, a pause, 'checkpoint now', a cancel and every_seconds still write one. A crash loses less than this "
+        "plus every_n_epochs epochs of work; the best checkpoint is the best of those written.",
+    )
     keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept besides the best one (the newest K).")
 
 

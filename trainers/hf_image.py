@@ -8,9 +8,13 @@ Choices worth knowing:
 - Evaluation, logging and saving are step-based with steps = one epoch (eval every epoch, save every
   `checkpoint.every_n_epochs` epochs and always at the last step). `load_best_model_at_end` requires the save
   and eval strategies to match, so "epoch" evaluation with "steps" saving is refused by Transformers.
-- With every_n_epochs > 1 "best" is Transformers' choice among the epochs that have a checkpoint (an epoch
-  that was evaluated but not saved cannot be the best checkpoint); the result's metrics are always those of
-  the checkpoint it returns.
+- `checkpoint.min_interval_seconds`: an epoch save that is due is skipped (the Progress callback vetoes
+  Transformers' should_save) while the previous checkpoint, or the start of this attempt, is younger than that.
+  The last step, a pause, "checkpoint now" and every_seconds always save.
+- "Best" is Transformers' choice among the epochs that have a checkpoint (an epoch that was evaluated but not
+  saved, by every_n_epochs or min_interval_seconds, cannot be the best checkpoint): after an unsaved evaluation
+  the trainer state's best_metric / best_global_step go back to their values at the last save, so the next saved
+  epoch is compared with the best saved one. The result's metrics are always those of the checkpoint it returns.
 - Optimizers: adamw -> "adamw_torch" with weight_decay 0.01 (torch.optim.AdamW's default); adam ->
   "adamw_torch" with weight_decay 0 (decoupled decay of 0 makes AdamW exactly Adam); sgd -> "sgd" with
   momentum 0.9.
@@ -211,6 +215,10 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
             # saving): a checkpoint written on an interruption then would hold a state that never was.
             self.consistent = False
             self.last_saved = time.monotonic()
+            # state.best_metric / best_global_step as of the last save, and whether an evaluated step since then
+            # was not saved (see on_step_begin).
+            self.best_as_saved: tuple[Any, Any] = (None, None)
+            self.save_skipped = False
 
         def _epoch(self, state: Any) -> int:
             return math.ceil(state.global_step / steps_per_epoch)
@@ -220,6 +228,7 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
             if moved_best is not None:  # this directory's copy, not the path another host recorded
                 state.best_model_checkpoint = str(moved_best)
             self.last_saved = time.monotonic()
+            self.best_as_saved = (state.best_metric, state.best_global_step)
             job.emit_start(job.config.epochs, state.global_step // steps_per_epoch)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -237,21 +246,33 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.consistent = True
+            if self.save_skipped:
+                # Transformers' _determine_best_metric took the previous step's evaluation as the best so far,
+                # but that step has no checkpoint: compare the next saved step with the best saved one instead.
+                state.best_metric, state.best_global_step = self.best_as_saved
+                self.save_skipped = False
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             self.consistent = False
 
         def on_step_end(self, args, state, control, **kwargs):
-            # A pause, a "checkpoint now" or the time-based policy: Transformers saves a full checkpoint at this
-            # step. Mid-epoch is fine: its resume skips the batches of the epoch that were already trained.
-            interval = job.config.checkpoint.every_seconds
-            time_is_up = bool(interval) and time.monotonic() - self.last_saved >= interval
+            # Runs after DefaultFlowCallback, which asks for a save every save_steps and at the last step.
+            policy = job.config.checkpoint
+            age = time.monotonic() - self.last_saved
+            time_is_up = bool(policy.every_seconds) and age >= policy.every_seconds
             if job.control.pause_requested or job.control.take_checkpoint_request() or time_is_up:
+                # A pause, a "checkpoint now" or every_seconds: Transformers saves a full checkpoint at this
+                # step. Mid-epoch is fine: its resume skips the batches of the epoch that were already trained.
                 control.should_save = True
+            elif control.should_save and state.global_step < state.max_steps and age < policy.min_interval_seconds:
+                control.should_save = False  # too soon after the last checkpoint (min_interval_seconds)
+                self.save_skipped = True
             if job.control.pause_requested:
                 control.should_training_stop = True
 
         def on_save(self, args, state, control, **kwargs):
+            self.best_as_saved = (state.best_metric, state.best_global_step)
+            self.save_skipped = False
             self.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
         def saved(self, path: Path, step: int) -> None:

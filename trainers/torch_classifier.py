@@ -1,6 +1,11 @@
 """A plain PyTorch image classifier trainer for built-in or user-defined models.
 
 The fastest trainer, and the readable reference for the contract: one loop, one checkpoint dict.
+
+When it checkpoints: at the end of an epoch that is due (a multiple of `checkpoint.every_n_epochs`, or validation
+accuracy better than the best checkpoint's) unless the previous checkpoint, or the start of this attempt, is younger
+than `checkpoint.min_interval_seconds`; and always at the last epoch, once `checkpoint.every_seconds` have passed
+(mid-epoch too), on a pause, on "checkpoint now" and on a cancel. best.pt is the best of the checkpoints written.
 """
 
 from __future__ import annotations
@@ -126,11 +131,14 @@ class TorchClassifierTrainer(Trainer):
         metrics_log = _MlflowEpochs()
         metrics_log.flush(progress.history)  # a crash between a checkpoint and its logging left these out
         job.emit_start(config.epochs, progress.epoch)
-        interval = config.checkpoint.every_seconds
+        policy = config.checkpoint
         last_saved = time.monotonic()
 
         def time_is_up() -> bool:
-            return bool(interval) and time.monotonic() - last_saved >= interval
+            return bool(policy.every_seconds) and time.monotonic() - last_saved >= policy.every_seconds
+
+        def too_soon() -> bool:  # short epochs would spend their time writing checkpoints
+            return time.monotonic() - last_saved < policy.min_interval_seconds
 
         def checkpoint(best: bool = False) -> None:
             nonlocal last_saved
@@ -168,17 +176,19 @@ class TorchClassifierTrainer(Trainer):
                     **_evaluate(model, val_loader, loss_fn, device, "val"),
                     "learning_rate": scheduler.get_last_lr()[0],
                 }
+                # progress.best is the best of the checkpoints written: an epoch that is not saved cannot be best.
                 improved = metrics["val_accuracy"] > progress.best["val_accuracy"]
+                due = improved or epoch % policy.every_n_epochs == 0
+                save = epoch == config.epochs or time_is_up() or (due and not too_soon())
                 consistent = False
                 progress.epoch, progress.batch, progress.loss_sum, progress.seen = epoch, 0, 0.0, 0
                 progress.history[epoch] = metrics
-                if improved:
+                if save and improved:
                     progress.best = {k: v for k, v in metrics.items() if k.startswith("val_")}
                 consistent = True
                 job.emit_epoch(epoch, metrics)
                 log.info("epoch %d/%d %s", epoch, config.epochs, _fmt(metrics))
-                due = epoch % config.checkpoint.every_n_epochs == 0 or time_is_up()
-                if improved or due or epoch == config.epochs:
+                if save:
                     checkpoint(best=improved)
         except BaseException as interruption:
             # A signal (Prefect's cancellation, Ctrl-C) rather than an error: keep the work done so far, when it

@@ -8,13 +8,20 @@ Layout of `job.output_dir` (it is Ultralytics' run directory):
     dataset.yaml        the data.yaml Ultralytics reads, written from the validated DatasetSpec
     trainyard.json      dataset version and label map, checked when a later attempt resumes here
     args.yaml, results.csv
-    weights/last.pt     every epoch (Ultralytics); stripped of optimizer state when training ends
-    weights/best.pt     best fitness so far (Ultralytics); stripped when training ends
-    weights/epochN.pt   full-state copy of last.pt every `checkpoint.every_n_epochs` epochs, and at the last;
+    weights/last.pt     each saved epoch (Ultralytics' save_model); stripped of optimizer state when training ends
+    weights/best.pt     the saved epoch of best fitness (Ultralytics); stripped when training ends
+    weights/epochN.pt   full-state copy of last.pt for a saved epoch N that is a multiple of
+                        `checkpoint.every_n_epochs`, the last, a pause or a "checkpoint now";
                         written atomically, with its SHA-256 in weights/trainyard-manifest.json
+Ultralytics saves every epoch; Trainyard's trainer subclass skips that save while the previous one (or the start of
+this attempt) is younger than `checkpoint.min_interval_seconds`, except at the last epoch, on a pause or early stop,
+on a "checkpoint now", and once `checkpoint.every_seconds` have passed. An epoch that is not saved cannot be best:
+best_fitness goes back to its value at the last save, so best.pt is the best of the checkpoints written. Its metrics
+reach MLflow with the next saved epoch.
 Ultralytics writes last.pt in place, so a kill during that write truncates it: the resume then falls back to the
 newest epochN.pt that verifies, with a warning. It resumes from epoch boundaries only: a cancel or a crash
-mid-epoch keeps the last epoch's checkpoint (checkpoint.every_seconds has no mid-epoch effect here).
+mid-epoch keeps the last saved epoch's checkpoint (checkpoint.every_seconds acts at epoch ends only here), and the
+unsaved epochs' rows are dropped from results.csv before they are trained again.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,12 +98,14 @@ class YoloTrainer(Trainer):
         else:
             model = YOLO(job.config.model)
 
+        if plan.resume_from is not None:
+            _forget_unsaved_epochs(output_dir / "results.csv", plan.completed)
         progress = _Progress(job)
         for event, hook in progress.hooks().items():
             model.add_callback(event, hook)
 
         with _mlflow_inside_active_run():
-            model.train(**args)
+            model.train(trainer=_interval_saving_trainer(model.task_map[model.task]["trainer"], progress), **args)
         if job.control.pause_requested and progress.last_epoch < job.config.epochs:
             raise TrainingPaused(f"paused after epoch {progress.last_epoch} (weights/epoch{progress.last_epoch}.pt)")
 
@@ -435,18 +445,53 @@ def _set_checkpoint_epochs(path: Path, ckpt: dict[str, Any], epochs: int, *, for
     write_atomic(path, lambda handle: torch.save(ckpt, handle))
 
 
+def _forget_unsaved_epochs(results_csv: Path, completed: int) -> None:
+    """Drop the rows of epochs after the checkpoint a resume starts from (trained, not saved: min_interval_seconds
+    or a crash): Ultralytics appends to results.csv, and those epochs are trained and written again."""
+    if not results_csv.is_file():
+        return
+    header, *rows = results_csv.read_text(encoding="utf-8").splitlines()
+    kept = [row for row in rows if float(row.split(",", 1)[0]) <= completed]
+    if len(kept) < len(rows):
+        write_atomic(results_csv, lambda handle: handle.write("\n".join([header, *kept, ""]).encode()))
+
+
+def _interval_saving_trainer(base: type, progress: _Progress) -> type:
+    """Ultralytics' trainer for the model's task (`base`), saving an epoch only when `progress` says it is due."""
+
+    class IntervalSavingTrainer(base):
+        def save_model(self) -> bool:
+            if not progress.save_due(self):
+                # validate() has already raised best_fitness to this epoch's: back to its value at the last save,
+                # so that best.pt stays the best of the checkpoints written and a later epoch is compared with it.
+                self.best_fitness = progress.saved_best_fitness
+                return False  # Ultralytics runs on_model_save only after a save
+            written = super().save_model()
+            progress.written(self)
+            return written
+
+    return IntervalSavingTrainer
+
+
 class _Progress:
-    """Ultralytics callbacks -> the job's callbacks (1-based epochs), plus the every-N checkpoint copies."""
+    """Ultralytics callbacks -> the job's callbacks (1-based epochs), the every-N checkpoint copies, and when
+    Ultralytics' every-epoch save is due (checkpoint.min_interval_seconds)."""
 
     def __init__(self, job: TrainJob) -> None:
         self.job = job
         self.every = job.config.checkpoint.every_n_epochs
+        self.min_interval = job.config.checkpoint.min_interval_seconds
+        self.every_seconds = job.config.checkpoint.every_seconds
         self.train_epoch: int | None = None  # 0-based index of the epoch that just trained
         self.pending: tuple[int, Path] | None = None
         self.requested = False  # a "checkpoint now" arrived during this epoch
         self.epochs_seen: list[int] = []
         self.last_epoch = 0
         self.best_metrics: dict[str, float] | None = None
+        self.last_saved = time.monotonic()
+        self.saved_best_fitness: float | None = None  # trainer.best_fitness as of the last save
+        self.saved_epoch = 0  # 1-based epoch of the last save
+        self.unlogged: dict[int, dict[str, float]] = {}  # epoch -> metrics not yet in MLflow (no checkpoint yet)
 
     def hooks(self) -> dict[str, Any]:
         return {
@@ -458,6 +503,8 @@ class _Progress:
         }
 
     def on_train_start(self, trainer) -> None:
+        self.last_saved = time.monotonic()
+        self.saved_best_fitness = trainer.best_fitness  # the resumed checkpoint's, or None
         self.job.emit_start(int(trainer.epochs), int(trainer.start_epoch))
         if trainer.start_epoch and getattr(trainer, "_mlflow_active", False):
             _log_missing_epochs(trainer)
@@ -469,6 +516,20 @@ class _Progress:
         if self.job.control.pause_requested:
             trainer.stop = True
         self.requested = self.job.control.take_checkpoint_request()
+
+    def save_due(self, trainer) -> bool:
+        """Ultralytics saves every epoch: not while the last checkpoint is younger than min_interval_seconds, unless
+        training stops after this epoch (the last one, a pause, early stopping), a checkpoint was asked for, or
+        every_seconds (an explicit ask, here at epoch ends) have passed."""
+        age = time.monotonic() - self.last_saved
+        final = trainer.stop or trainer.epoch + 1 >= trainer.epochs
+        time_is_up = bool(self.every_seconds) and age >= self.every_seconds
+        return final or self.requested or time_is_up or age >= self.min_interval
+
+    def written(self, trainer) -> None:
+        self.last_saved = time.monotonic()
+        self.saved_best_fitness = trainer.best_fitness
+        self.saved_epoch = trainer.epoch + 1
 
     def on_model_save(self, trainer) -> None:
         epoch = trainer.epoch + 1
@@ -489,19 +550,27 @@ class _Progress:
         losses = trainer.label_loss_items(trainer.tloss, prefix="train")
         out = _epoch_metrics({**metrics, **losses, **(getattr(trainer, "lr", None) or {})})
         if getattr(trainer, "_mlflow_active", False):
-            # Same names and 1-based steps as the other trainers, beside Ultralytics' own (0-based) ones.
-            import mlflow
-
-            try:
-                mlflow.log_metrics(out, step=epoch)
-            except Exception as exc:  # tracking must never stop training
-                log.warning("MLflow metric logging failed: %s", exc)
+            # Only epochs a checkpoint holds, so that a resumed attempt never logs an epoch twice; an epoch that
+            # was not saved (min_interval_seconds) goes with the next saved one.
+            self.unlogged[epoch] = out
+            if self.saved_epoch == epoch:
+                self._log_unlogged()
         self.epochs_seen.append(epoch)
         self.last_epoch = epoch
         self.job.emit_epoch(epoch, out)
         if self.pending is not None:
             self.job.emit_checkpoint(*self.pending)
             self.pending = None
+
+    def _log_unlogged(self) -> None:
+        """Same names and 1-based steps as the other trainers, beside Ultralytics' own (0-based) ones."""
+        import mlflow
+
+        try:
+            for epoch in sorted(self.unlogged):
+                mlflow.log_metrics(self.unlogged.pop(epoch), step=epoch)
+        except Exception as exc:  # tracking must never stop training
+            log.warning("MLflow metric logging failed: %s", exc)
 
 
 def _epoch_metrics(values: dict[str, Any]) -> dict[str, float]:

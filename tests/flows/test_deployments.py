@@ -21,6 +21,8 @@ from infra.settings import ROOT
 from trainers.data.synthetic import make_shapes_classification, make_shapes_detection
 
 DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+# A checkpoint at every (sub-second) epoch: the tests act once the first is written, long before the last epoch.
+EVERY_EPOCH = {"checkpoint": {"min_interval_seconds": 0}}
 
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=[d["name"] for d in DEPLOYMENTS])
@@ -112,7 +114,7 @@ def test_a_cancelled_training_keeps_its_work_and_a_retry_resumes_it_in_the_same_
     from trainers.checkpoints import CheckpointStore
 
     epochs = 60
-    parameters = {"dataset": str(shapes_cls), "epochs": epochs, "image_size": 32, "batch_size": 4}
+    parameters = {"dataset": str(shapes_cls), "epochs": epochs, "image_size": 32, "batch_size": 4, **EVERY_EPOCH}
     run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
     store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
     deadline = time.monotonic() + 180
@@ -159,7 +161,7 @@ def test_checkpoint_now_then_pause_frees_the_process_and_resume_finishes_in_the_
     from trainers.checkpoints import CheckpointStore
 
     epochs = 60
-    parameters = {"dataset": str(shapes_cls), "epochs": epochs, "image_size": 32, "batch_size": 4}
+    parameters = {"dataset": str(shapes_cls), "epochs": epochs, "image_size": 32, "batch_size": 4, **EVERY_EPOCH}
     run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
     store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
     deadline = time.monotonic() + 180

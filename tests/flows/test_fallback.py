@@ -235,6 +235,7 @@ def test_a_worker_killed_mid_training_is_detected_and_the_next_profile_resumes(p
     local_stack.start(stack, victim)
     _wait_ready("victim-pool")
     request = {"dataset": str(shapes_cls), "compute": {"profiles": ["victim", "backup"]}, **FAST, "epochs": 60}
+    request["checkpoint"] = {"min_interval_seconds": 0}  # the sub-second epochs checkpointed: killed mid-training
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(train, **request, return_state=True)
         deadline = time.monotonic() + 120
@@ -315,6 +316,7 @@ def test_a_pause_reaches_a_training_on_another_pool_and_resume_finishes_it_there
         "epochs": epochs,
         "batch_size": 4,
         "compute": {"profiles": ["backup"]},
+        "checkpoint": {"min_interval_seconds": 0},  # a first checkpoint within an epoch, long before the last
     }
     run = run_deployment(train_deployment, parameters=parameters, timeout=0)
     store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))

@@ -36,6 +36,7 @@ EXPERIMENT = "remote-resume"
 # hf-image: 24 training images (shapes_cls) in batches of 3: 8 steps an epoch, checkpoint-8, -16 and -24. The
 # learning rate is too small to change a prediction, so no epoch beats the first: the best is not the last.
 HF = {"trainer": "hf-image", "model": "vit-tiny", "batch_size": 3, "image_size": 32, "learning_rate": 1e-6}
+HF["checkpoint"] = {"min_interval_seconds": 0}  # sub-second epochs: checkpoint-8 and -16 too, not only the last
 HF_STEPS_PER_EPOCH = 8
 YOLO = {"trainer": "yolo", "model": "yolov8n.yaml", "batch_size": 8, "image_size": 32}
 YOLO["checkpoint"] = {"every_n_epochs": 2}  # weights/epoch2.pt (host A), then epoch3.pt (the last, host B)

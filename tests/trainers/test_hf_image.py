@@ -81,7 +81,11 @@ def _job(dataset: DatasetSpec, output_dir: Path, *, epochs: int = EPOCHS, model:
         batch_size=kw.pop("batch_size", BATCH),
         image_size=SIZE,
         learning_rate=1e-3,
-        checkpoint={"every_n_epochs": kw.pop("every_n_epochs", EVERY_N)},
+        # min_interval_seconds 0: the epochs are sub-second and these tests count on a checkpoint per due epoch.
+        checkpoint={
+            "every_n_epochs": kw.pop("every_n_epochs", EVERY_N),
+            "min_interval_seconds": kw.pop("min_interval_seconds", 0),
+        },
         **kw,
     )
     return TrainJob(config=config, dataset=dataset, output_dir=output_dir, callbacks=[Recorder()])
@@ -555,3 +559,69 @@ def test_each_epochs_metrics_reach_mlflow_exactly_once_across_a_kill(shapes: Dat
     for name in ("eval_accuracy", "eval_loss", "loss"):
         assert sorted(m.step for m in client.get_metric_history(run_id, name)) == every_epoch, name
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------ checkpoint.min_interval_seconds
+
+HOUR = 3600  # a min_interval_seconds no test epoch reaches: only the forced saves happen
+
+
+class AskAfterEpoch(Recorder):
+    """Asks for a pause or a checkpoint when the given epoch ends."""
+
+    def __init__(self, job: TrainJob, pause_after: int = 0, checkpoint_after: int = 0) -> None:
+        super().__init__()
+        self.job, self.pause_after, self.checkpoint_after = job, pause_after, checkpoint_after
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        super().on_epoch_end(epoch, metrics)
+        if epoch == self.pause_after:
+            self.job.control.request_pause()
+        if epoch == self.checkpoint_after:
+            self.job.control.request_checkpoint()
+
+
+def test_epochs_inside_the_min_interval_are_not_saved_but_a_requested_step_and_the_last_are(
+    shapes: DatasetSpec, tmp_path: Path
+):
+    job = _job(shapes, tmp_path / "out", every_n_epochs=1, min_interval_seconds=HOUR)
+    job.callbacks = [AskAfterEpoch(job, checkpoint_after=1)]
+    result = HFImageTrainer().train(job)
+    last = f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}"
+    saved = [path.name for _, path in job.callbacks[0].checkpoints]
+    assert saved == [f"checkpoint-{STEPS_PER_EPOCH + 1}", last]  # "checkpoint now" a step into epoch 2, the last
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == sorted(saved)
+    assert [epoch for epoch, _ in job.callbacks[0].epochs] == [1, 2, 3]  # every epoch still evaluated
+    # The only evaluated checkpoint is the last: it is the best, with its own metrics.
+    state = json.loads((tmp_path / "out" / last / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(tmp_path / "out" / last)
+    assert result.metrics["val_accuracy"] == job.callbacks[0].epochs[-1][1]["val_accuracy"]
+
+
+def test_a_pause_inside_the_min_interval_saves_at_once(shapes: DatasetSpec, tmp_path: Path):
+    job = _job(shapes, tmp_path / "out", every_n_epochs=1, min_interval_seconds=HOUR)
+    job.callbacks = [AskAfterEpoch(job, pause_after=1)]
+    with pytest.raises(TrainingPaused, match=f"at step {STEPS_PER_EPOCH + 1}"):
+        HFImageTrainer().train(job)
+    assert [path.name for _, path in job.callbacks[0].checkpoints] == [f"checkpoint-{STEPS_PER_EPOCH + 1}"]
+
+
+def test_the_best_checkpoint_is_the_best_of_those_saved_not_a_skipped_epoch(
+    shapes: DatasetSpec, tmp_path: Path, monkeypatch
+):
+    from trainers import hf_image
+
+    # Accuracy scripted per evaluation so that epoch 2, which min_interval_seconds does not save, would be the best.
+    accuracies = iter([0.3, 0.9, 0.6])
+    monkeypatch.setattr(hf_image, "_compute_metrics", lambda eval_pred: {"accuracy": next(accuracies)})
+    out = tmp_path / "out"
+    HFImageTrainer().train(_job(shapes, out, epochs=1, every_n_epochs=1))  # epoch 1 (0.3) saved
+    job = _job(shapes, out, every_n_epochs=1, min_interval_seconds=HOUR)
+    result = HFImageTrainer().train(job)
+    last = out / f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}"
+    assert [path for _, path in job.callbacks[0].checkpoints] == [last]  # epoch 2 (0.9) not saved
+    # Epoch 3 (0.6) beats the best saved checkpoint (epoch 1): Transformers picks it, not checkpoint-<epoch 1>.
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert (state["best_model_checkpoint"], state["best_metric"]) == (str(last), 0.6)
+    assert result.metrics["val_accuracy"] == 0.6
+    _assert_same_weights(result.best_checkpoint, last)

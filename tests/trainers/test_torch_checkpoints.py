@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from infra.settings import ROOT
-from trainers.base import TrainJob
+from trainers.base import Callback, TrainingPaused, TrainJob
 from trainers.checkpoints import CheckpointError, CheckpointStore
 from trainers.config import TrainConfig
 from trainers.data.synthetic import make_shapes_classification
@@ -200,3 +201,90 @@ def test_checkpoint_now_writes_one_at_the_next_step_and_training_goes_on(dataset
         == saved.index(f"ckpt-e0001-s{STEPS_PER_EPOCH:08d}.pt") + 1
     )
     assert_same_training(tmp_path, uninterrupted)  # a checkpoint changes nothing about the training
+
+
+# ------------------------------------------------------------------ checkpoint.min_interval_seconds (in-process)
+
+
+class Saves(Callback):
+    """Records the checkpoints written; asks for a pause or a checkpoint when the given epoch ends."""
+
+    def __init__(self, job: TrainJob, pause_after: int = 0, checkpoint_after: int = 0) -> None:
+        self.job, self.pause_after, self.checkpoint_after = job, pause_after, checkpoint_after
+        self.names: list[str] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == self.pause_after:
+            self.job.control.request_pause()
+        if epoch == self.checkpoint_after:
+            self.job.control.request_checkpoint()
+
+    def on_checkpoint(self, epoch: int, path: Path) -> None:
+        self.names.append(path.name)
+
+
+def in_process_job(dataset: Path, out: Path, epochs: int, min_interval: float, **asks: int) -> TrainJob:
+    config = TrainConfig(
+        dataset=str(dataset),
+        trainer="torch",
+        model="tiny-cnn",
+        epochs=epochs,
+        batch_size=4,
+        image_size=32,
+        learning_rate=0.01,
+        checkpoint={"min_interval_seconds": min_interval},
+    )
+    job = TrainJob(config, load_dataset(dataset), out)
+    job.callbacks.append(Saves(job, **asks))
+    return job
+
+
+def ckpt(epoch: int, step: int) -> str:
+    return f"ckpt-e{epoch:04d}-s{step:08d}.pt"
+
+
+def test_epochs_inside_the_min_interval_are_not_checkpointed_but_a_requested_one_and_the_last_are(dataset, tmp_path):
+    job = in_process_job(dataset, tmp_path, EPOCHS, min_interval=3600, checkpoint_after=1)
+    result = TorchClassifierTrainer().train(job)
+    # Epochs 1 and 2 end within the hour: no checkpoint of their own; "checkpoint now" (a step into epoch 2) and
+    # the last epoch are written all the same.
+    assert job.callbacks[0].names == [ckpt(1, STEPS_PER_EPOCH + 1), ckpt(EPOCHS, EPOCHS * STEPS_PER_EPOCH)]
+    manifest = json.loads((tmp_path / "checkpoints.json").read_text())
+    assert manifest["best"] == manifest["last"] == ckpt(EPOCHS, EPOCHS * STEPS_PER_EPOCH)
+    history = state(tmp_path)["progress"]["history"]
+    assert sorted(history) == [1, 2, 3]  # every epoch's metrics, checkpointed or not
+    assert result.metrics == {k: v for k, v in history[EPOCHS].items() if k.startswith("val_")}
+
+
+def test_a_pause_inside_the_min_interval_checkpoints_at_once(dataset, tmp_path):
+    job = in_process_job(dataset, tmp_path, EPOCHS, min_interval=3600, pause_after=1)
+    with pytest.raises(TrainingPaused, match="paused in epoch 2, after batch 1"):
+        TorchClassifierTrainer().train(job)
+    assert job.callbacks[0].names == [ckpt(1, STEPS_PER_EPOCH + 1)]  # epoch 1 itself was too soon
+
+
+def test_the_best_checkpoint_is_the_best_of_those_written_not_a_skipped_epoch(dataset, tmp_path, monkeypatch):
+    from trainers import torch_classifier
+
+    # Validation accuracy scripted per epoch so that epoch 2, which min_interval_seconds skips, would be the best.
+    accuracies = iter([0.3, 0.9, 0.6])
+    real_evaluate = torch_classifier._evaluate
+
+    def scripted(*args, **kwargs) -> dict[str, float]:
+        return {**real_evaluate(*args, **kwargs), "val_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(torch_classifier, "_evaluate", scripted)
+    TorchClassifierTrainer().train(in_process_job(dataset, tmp_path, 1, min_interval=0))  # epoch 1 written
+    job = in_process_job(dataset, tmp_path, EPOCHS, min_interval=3600)
+    result = TorchClassifierTrainer().train(job)
+    assert job.callbacks[0].names == [ckpt(EPOCHS, EPOCHS * STEPS_PER_EPOCH)]  # epoch 2 skipped
+    # Epoch 3 (0.6) beats the best written checkpoint (epoch 1, 0.3): it is best.pt, whatever epoch 2 scored.
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["best"] == ckpt(EPOCHS, EPOCHS * STEPS_PER_EPOCH)
+    assert torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=False)["epoch"] == EPOCHS
+    assert result.metrics["val_accuracy"] == 0.6
+
+
+@pytest.mark.parametrize("trainer", ["torch", "hf-image", "yolo"])
+def test_a_negative_min_interval_is_refused_by_name(dataset, trainer):
+    with pytest.raises(ValidationError, match=r"checkpoint\.min_interval_seconds\n.*greater than or equal to 0"):
+        TrainConfig(dataset=str(dataset), trainer=trainer, checkpoint={"min_interval_seconds": -1})

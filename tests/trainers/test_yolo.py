@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 3
 EVERY = 2
+HOUR = 3600  # a checkpoint.min_interval_seconds no test epoch reaches: only the forced saves happen
 VAL_METRICS = {"val_map50", "val_map50_95", "val_precision", "val_recall"}
 TRAIN_LOSSES = {"train_box_loss", "train_cls_loss", "train_dfl_loss"}
 
@@ -43,7 +44,9 @@ class Recorder(Callback):
         assert path.is_file(), f"checkpoint {path} announced before it exists"
 
 
-def make_job(dataset, data_yaml: Path, output_dir: Path, epochs: int = EPOCHS) -> tuple[TrainJob, Recorder]:
+def make_job(
+    dataset, data_yaml: Path, output_dir: Path, epochs: int = EPOCHS, min_interval_seconds: float = 0
+) -> tuple[TrainJob, Recorder]:
     config = TrainConfig(
         dataset=str(data_yaml),
         trainer="yolo",
@@ -52,7 +55,9 @@ def make_job(dataset, data_yaml: Path, output_dir: Path, epochs: int = EPOCHS) -
         batch_size=8,
         image_size=64,
         learning_rate=1e-3,
-        checkpoint={"every_n_epochs": EVERY},
+        # min_interval_seconds 0 unless a test says otherwise: these epochs take about a second, and the tests
+        # count on Ultralytics' save at every epoch.
+        checkpoint={"every_n_epochs": EVERY, "min_interval_seconds": min_interval_seconds},
     )
     recorder = Recorder()
     return TrainJob(config=config, dataset=dataset, output_dir=output_dir, callbacks=[recorder]), recorder
@@ -361,6 +366,23 @@ def test_an_interrupted_run_resumes_where_it_stopped(trained, dataset, tmp_path)
     assert result.epochs_completed == EPOCHS
 
 
+def test_a_resume_drops_the_results_rows_of_epochs_it_trains_again(trained, dataset, tmp_path):
+    """Epoch 3 trained and written to results.csv, but not saved (min_interval_seconds, or killed before its save):
+    the resume trains it again, and results.csv holds it once."""
+    from trainers.yolo import YoloTrainer
+
+    spec, data_yaml = dataset
+    output_dir = _copy_run(trained, tmp_path)
+    weights = output_dir / "weights"
+    shutil.copyfile(weights / "epoch2.pt", weights / "last.pt")
+    (weights / "epoch3.pt").unlink()
+    job, recorder = make_job(spec, data_yaml, output_dir)
+    YoloTrainer().train(job)
+    assert [epoch for epoch, _ in recorder.epochs] == [3]
+    rows = (output_dir / "results.csv").read_text().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows] == [1, 2, 3]
+
+
 def test_resuming_on_another_dataset_is_refused(trained, tmp_path_factory, tmp_path):
     from trainers.yolo import YoloTrainer
 
@@ -373,11 +395,12 @@ def test_resuming_on_another_dataset_is_refused(trained, tmp_path_factory, tmp_p
 
 
 def test_a_pause_stops_after_the_epoch_it_arrives_in_and_training_again_continues_there(dataset, tmp_path):
-    """Ultralytics resumes from epoch boundaries: a pause takes effect when the current epoch is saved."""
+    """Ultralytics resumes from epoch boundaries: a pause takes effect when the current epoch is saved, also inside
+    checkpoint.min_interval_seconds (which keeps epoch 1 from being saved)."""
     from trainers.yolo import YoloTrainer
 
     spec, data_yaml = dataset
-    job, recorder = make_job(spec, data_yaml, tmp_path / "job")
+    job, recorder = make_job(spec, data_yaml, tmp_path / "job", min_interval_seconds=HOUR)
 
     class PauseDuringEpoch2(Recorder):
         def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -388,9 +411,9 @@ def test_a_pause_stops_after_the_epoch_it_arrives_in_and_training_again_continue
     with pytest.raises(TrainingPaused, match="paused after epoch 2"):
         YoloTrainer().train(job)
     assert [epoch for epoch, _ in recorder.epochs] == [1, 2]
-    assert recorder.checkpoints[-1] == (2, tmp_path / "job" / "weights" / "epoch2.pt")
+    assert recorder.checkpoints == [(2, tmp_path / "job" / "weights" / "epoch2.pt")]
 
-    again, recorder = make_job(spec, data_yaml, tmp_path / "job")
+    again, recorder = make_job(spec, data_yaml, tmp_path / "job", min_interval_seconds=HOUR)
     result = YoloTrainer().train(again)
     assert recorder.starts == [(EPOCHS, 2)]
     assert [epoch for epoch, _ in recorder.epochs] == [3]
@@ -458,3 +481,42 @@ def test_a_resumed_run_fills_in_a_saved_epoch_the_killed_attempt_never_logged(tr
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [1, 2, 3], name
     [map_2] = [m.value for m in client.get_metric_history(run.info.run_id, "val_map50_95") if m.step == 2]
     assert map_2 == pytest.approx(float(saved_epoch_2["metrics/mAP50-95(B)"]))
+
+
+# ------------------------------------------------------------------------------- checkpoint.min_interval_seconds
+
+
+def test_epochs_inside_the_min_interval_are_not_saved_and_best_pt_is_the_best_of_those_written(
+    dataset, tracking, tmp_path
+):
+    """Epoch 1 saved on request, epoch 2 skipped (too soon, though every_n_epochs makes it due), epoch 3 the last."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from trainers.yolo import YoloTrainer, _load_ckpt
+
+    spec, data_yaml = dataset
+    job, recorder = make_job(spec, data_yaml, tmp_path / "job", min_interval_seconds=HOUR)
+
+    class CheckpointNow(Recorder):
+        def on_train_start(self, total_epochs: int, start_epoch: int) -> None:
+            job.control.request_checkpoint()  # served when epoch 1 ends
+
+    job.callbacks.append(CheckpointNow())
+    with mlflow.start_run(experiment_id=tracking) as run:
+        YoloTrainer().train(job)
+    weights = tmp_path / "job" / "weights"
+    assert recorder.checkpoints == [(1, weights / "epoch1.pt"), (3, weights / "epoch3.pt")]
+    assert sorted(p.name for p in weights.glob("epoch*.pt")) == ["epoch1.pt", "epoch3.pt"]
+    assert [epoch for epoch, _ in recorder.epochs] == [1, 2, 3]
+
+    # best_fitness (what best.pt follows) counts only the saved epochs: 1 and 3, never the skipped epoch 2.
+    first, last = _load_ckpt(weights / "epoch1.pt"), _load_ckpt(weights / "epoch3.pt")
+    assert (first["epoch"], last["epoch"]) == (0, 2)
+    saved_fitness = [first["train_metrics"]["fitness"], last["train_metrics"]["fitness"]]
+    assert last["best_fitness"] == max(saved_fitness)
+    assert _load_ckpt(weights / "best.pt")["train_metrics"]["fitness"] == max(saved_fitness)
+
+    # Trainyard's metric names: epoch 2 reached MLflow with epoch 3's checkpoint, each epoch once.
+    for name in VAL_METRICS | TRAIN_LOSSES:
+        assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, name)) == [1, 2, 3], name

@@ -4,7 +4,8 @@ Environment: DATASET, OUT, EPOCHS, EVERY_SECONDS (optional), KILL_AT_STEP (kill 
 this process), KILL_IN_SAVE (kill -9 half-way through that checkpoint write), EXPORT (export model.onnx after
 training), KILL_IN_EXPORT (kill -9 half-way through writing it), MLFLOW_RUN_ID (log into that run),
 PAUSE_AFTER_EPOCH / CHECKPOINT_AFTER_EPOCH (ask for a pause / a checkpoint through the job's control when that
-epoch ends; a paused run prints {"paused": ...} and exits 3).
+epoch ends; a paused run prints {"paused": ...} and exits 3), MIN_INTERVAL_SECONDS (checkpoint.min_interval_seconds,
+0 unless given: every epoch is checkpointed).
 The model is the trainer's tiny CNN, built through the user-model hook (`model: "torch_driver:model"`).
 """
 
@@ -108,7 +109,9 @@ def main() -> None:
         image_size=32,
         learning_rate=0.01,
         deterministic=True,
-        checkpoint={"every_seconds": float(every)} if every else {},
+        # A checkpoint at every epoch end (the epochs are sub-second): the tests kill and resume between them.
+        checkpoint={"min_interval_seconds": float(os.environ.get("MIN_INTERVAL_SECONDS", "0"))}
+        | ({"every_seconds": float(every)} if every else {}),
     )
     job = TrainJob(config, load_dataset(config.dataset), Path(os.environ["OUT"]))
     if run_id := os.environ.get("MLFLOW_RUN_ID"):
