@@ -12,7 +12,7 @@ STACK_ENV = set -a && eval "$$($(PY) -m infra.stack env)" && set +a
 ROLE ?= all
 UP_ARGS = --role $(ROLE) $(if $(POOL),--pool $(POOL)) $(if $(LIMIT),--limit $(LIMIT))
 
-.PHONY: help venv up down status deploy datasets demo test lint format bench lock clean
+.PHONY: help venv s3rver up down status deploy datasets demo test lint format bench lock clean
 
 help:
 	@echo "make demo      venv + stack + deployments + one demo training run, then prints the links"
@@ -48,7 +48,16 @@ DEMO ?= train/torch-shapes
 demo: deploy datasets
 	$(STACK_ENV) && $(PY) -m deployments.demo $(DEMO)
 
-test: venv
+# The storage tests also run on s3rver, a Node.js S3 server pinned in tests/s3rver (package-lock.json). Without npm,
+# or if the install fails, those cases skip and say why.
+S3RVER := tests/s3rver
+s3rver: $(S3RVER)/node_modules/.package-lock.json
+$(S3RVER)/node_modules/.package-lock.json: $(S3RVER)/package.json $(S3RVER)/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1; then echo "npm not found: the storage tests' s3rver cases will skip"; \
+	else cd $(S3RVER) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error \
+	  || echo "npm ci failed in $(S3RVER): the storage tests' s3rver cases will skip"; fi
+
+test: venv s3rver
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

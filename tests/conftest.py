@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from s3_server import ACCESS_KEY, SECRET_KEY, Endpoint, client, client_env, env_applied, start_moto, stop
+from s3_server import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    Endpoint,
+    client,
+    client_env,
+    env_applied,
+    running_s3rver,
+    s3rver_unavailable,
+    start_moto,
+    stop,
+)
 
 MakeImage = Callable[..., Path]
 
@@ -103,27 +114,42 @@ def shapes_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shapes_classification(root, train_per_class=8, val_per_class=4, test_per_class=4, image_size=32)
 
 
-# --- A real S3-compatible endpoint: moto's server mode, once per session (tests/s3_server.py) -------------------
+# --- Real S3-compatible endpoints: moto's server mode and s3rver, once per session (tests/s3_server.py) ----------
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[Endpoint]:
     external = os.environ.get("TRAINYARD_TEST_S3_ENDPOINT_URL")
     if external:
-        yield Endpoint(external, False, os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
+        yield Endpoint(external, "external", os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
         return
     proc, url = start_moto()
     try:
-        yield Endpoint(url, True, ACCESS_KEY, SECRET_KEY)
+        yield Endpoint(url, "moto", ACCESS_KEY, SECRET_KEY)
     finally:
         stop(proc)
 
 
+@pytest.fixture(scope="session")
+def s3rver_endpoint() -> Iterator[Endpoint]:
+    """s3rver: unlike moto it refuses expired presigned URLs; started only if a test asks for it."""
+    unavailable = s3rver_unavailable()
+    if unavailable:
+        pytest.skip(unavailable)
+    with running_s3rver(ACCESS_KEY, SECRET_KEY) as url:
+        yield Endpoint(url, "s3rver", ACCESS_KEY, SECRET_KEY)
+
+
 @pytest.fixture
-def s3_env(s3_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Endpoint:
-    """Credentials and endpoint in the environment, as a user sets them; nothing from ~/.aws or an instance role."""
-    env_applied(monkeypatch, client_env(s3_endpoint, tmp_path))
-    return s3_endpoint
+def s3_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Endpoint:
+    """Credentials and endpoint in the environment, as a user sets them; nothing from ~/.aws or an instance role.
+
+    The endpoint is `s3_endpoint`; a test parametrized with `pytest.mark.parametrize("s3_env", ["moto", "s3rver"],
+    indirect=True)` runs on each ("moto" stands for `s3_endpoint`, whichever server that is)."""
+    server = getattr(request, "param", "moto")
+    endpoint = request.getfixturevalue("s3rver_endpoint" if server == "s3rver" else "s3_endpoint")
+    env_applied(monkeypatch, client_env(endpoint, tmp_path))
+    return endpoint
 
 
 @pytest.fixture
