@@ -1,17 +1,16 @@
-"""The multi-host layout of docs/scale-out.md over a real network: a control host and a training host that share
-nothing but a link.
+"""The multi-host layout of docs/scale-out.md over a real network: a control host and training hosts that share
+nothing but a LAN.
 
-The training host is a Linux network namespace joined to this one by a veth pair: its own interfaces, routes and
-loopback, so it reaches the control host only at the control host's address on that link, as a second machine
-would (its 127.0.0.1 is its own). The control host binds its servers to its side of the link: PostgreSQL (a
-throwaway cluster trusting the link's subnet), the S3 endpoint (moto's server mode), then `python -m infra.stack up
---role control` with TRAINYARD_HOST set to that address. The training host runs `python -m infra.stack up --role
-worker` inside the namespace with its own TRAINYARD_HOME and no S3 credentials. A training run triggered on the
-control host's Prefect API must run there end to end: dataset synced from S3 into that host's cache, training,
-evaluation, ONNX export to the bucket, the model registered in the control host's MLflow.
+Each training host is a Linux network namespace plugged into a bridge (a veth pair each): its own interfaces,
+routes and loopback, so it reaches the control host only at the control host's LAN address, as a second machine
+would (its 127.0.0.1 is its own). The control host is this namespace; it binds its servers to its LAN address:
+PostgreSQL (a throwaway cluster trusting the LAN), the S3 endpoint (moto's server mode), then `python -m infra.stack
+up --role control` with TRAINYARD_HOST set to that address. A training host runs `python -m infra.stack up --role
+worker` inside its namespace, with its own TRAINYARD_HOME and no S3 credentials; where a test needs it, also with a
+disk of its own at the control host's runs directory (a private bind mount: the same path, other files).
 
-Needs root (namespaces and veth), `ip` (iproute2) and PostgreSQL's server programs; without them it skips and says
-which. The files are shared (one disk): what the test shows is the network, and that the hosts keep their state apart.
+Needs root (namespaces, veth, a bridge), iproute2, util-linux's unshare and PostgreSQL's server programs; without
+them it skips and says which.
 """
 
 from __future__ import annotations
@@ -20,12 +19,15 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -36,80 +38,136 @@ from infra.settings import ROOT, Settings
 from trainers.data.synthetic import make_shapes_classification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/infra is not a package (its name is the project's)
-from test_shared_stack import SharedStack, clean_env, cli, deploy_torch_demo, train_on_a_worker  # noqa: E402
+from test_shared_stack import (  # noqa: E402
+    SharedStack,
+    clean_env,
+    cli,
+    deploy_torch_demo,
+    flow_run_logs,
+    train_on_a_worker,
+)
 
-POOL = "trainyard-local"  # the torch demo deployment's pool (prefect.yaml): only the training host serves it
-WORKER = "net-host-1"
-
-
-@dataclass(frozen=True)
-class Link:
-    """A network namespace (the training host) and the two ends of its veth link."""
-
-    namespace: str
-    control_ip: str
-    host_ip: str
-
-    def run(self, *argv: str, env: dict[str, str] | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
-        """A command on the training host: inside the namespace."""
-        command = ["ip", "netns", "exec", self.namespace, *argv]
-        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+POOL = "trainyard-local"  # the torch demo deployment's pool (prefect.yaml): only the first training host serves it
+EXPERIMENT = "net-hosts"
+EPOCHS = 60  # long enough that host A is still training when its first checkpoint is in the bucket
 
 
 def _ip(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30)
 
 
+def _ip_ok(*argv: str) -> None:
+    done = _ip(*argv)
+    assert done.returncode == 0, f"ip {' '.join(argv)}: {done.stderr}"
+
+
+@dataclass
+class Lan:
+    """A bridge with the control host's address, and a namespace per training host plugged into it."""
+
+    bridge: str
+    prefix: str  # the /24's first three octets
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def control_ip(self) -> str:
+        return f"{self.prefix}.1"
+
+    def plug_in(self, name: str) -> tuple[str, str]:
+        """A new namespace on the LAN; returns (namespace, its address)."""
+        namespace, address = f"{self.bridge}-{name}"[:32], f"{self.prefix}.{len(self.namespaces) + 2}"
+        outside, inside = f"{self.bridge}v{len(self.namespaces)}", "eth0"
+        _ip_ok("netns", "add", namespace)
+        self.namespaces.append(namespace)
+        _ip_ok("link", "add", outside, "type", "veth", "peer", "name", inside, "netns", namespace)
+        _ip_ok("link", "set", outside, "master", self.bridge)
+        _ip_ok("link", "set", outside, "up")
+        _ip_ok("-n", namespace, "addr", "add", f"{address}/24", "dev", inside)
+        _ip_ok("-n", namespace, "link", "set", inside, "up")
+        _ip_ok("-n", namespace, "link", "set", "lo", "up")
+        return namespace, address
+
+
 @contextmanager
-def linked_namespace() -> Iterator[Link]:
-    """A namespace and a veth pair on a /30 of 10.231.0.0/16 chosen at random (two runs at once do not clash);
-    deleted on the way out, which also deletes the pair."""
+def lan() -> Iterator[Lan]:
+    """A bridge on a /24 of 10.231.0.0/16 chosen at random (two runs at once do not clash); the namespaces, their
+    veth pairs and the bridge are deleted on the way out."""
     if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("needs root and iproute2's `ip` to make a network namespace for the training host")
-    name, octet = f"ty-{uuid.uuid4().hex[:8]}", secrets.randbelow(64) * 4
-    subnet = f"10.231.{secrets.randbelow(256)}"
-    link = Link(name, f"{subnet}.{octet + 1}", f"{subnet}.{octet + 2}")
-    outside, inside = f"{name}-c", f"{name}-h"[:15]  # interface names: 15 characters at most
-    created = _ip("netns", "add", name)
+        pytest.skip("needs root and iproute2's `ip` to make network namespaces for the training hosts")
+    network = Lan(f"ty{uuid.uuid4().hex[:6]}", f"10.231.{secrets.randbelow(256)}")
+    created = _ip("link", "add", network.bridge, "type", "bridge")
     if created.returncode != 0:
-        pytest.skip(f"cannot make a network namespace here: {created.stderr.strip()}")
+        pytest.skip(f"cannot make a network bridge here: {created.stderr.strip()}")
     try:
-        for step in (
-            ("link", "add", outside[:15], "type", "veth", "peer", "name", inside),
-            ("link", "set", inside, "netns", name),
-            ("addr", "add", f"{link.control_ip}/30", "dev", outside[:15]),
-            ("link", "set", outside[:15], "up"),
-            ("-n", name, "addr", "add", f"{link.host_ip}/30", "dev", inside),
-            ("-n", name, "link", "set", inside, "up"),
-            ("-n", name, "link", "set", "lo", "up"),
-        ):
-            done = _ip(*step)
-            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
-        yield link
+        _ip_ok("addr", "add", f"{network.control_ip}/24", "dev", network.bridge)
+        _ip_ok("link", "set", network.bridge, "up")
+        yield network
     finally:
-        _ip("link", "del", outside[:15])
-        _ip("netns", "del", name)
+        for namespace in network.namespaces:
+            _ip("netns", "del", namespace)  # takes its end of the veth pair, and so the pair, with it
+        _ip("link", "del", network.bridge)
 
 
 @dataclass(frozen=True)
-class TwoHosts:
-    link: Link
+class TrainingHost:
+    namespace: str
+    address: str
+    env: dict[str, str]
+    worker: str  # the worker's name on the Prefect server
+
+    def run(self, *argv: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        """A command on this host: in its namespace, with its environment."""
+        command = ["ip", "netns", "exec", self.namespace, *argv]
+        return subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def worker_log(self) -> str:
+        return (Path(self.env["TRAINYARD_HOME"]) / "logs" / "worker.log").read_text()
+
+    def power_off(self) -> None:
+        """kill -9 of every process on the host, as when it loses power."""
+        for pid in _ip("netns", "pids", self.namespace).stdout.split():
+            with suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+@dataclass
+class Cluster:
+    lan: Lan
     stack: SharedStack  # the control host's settings and environment, and the bucket
-    host: dict[str, str]  # the training host's environment
     dataset: str  # s3:// URI of the generated dataset
+    hosts: list[TrainingHost] = field(default_factory=list)
+
+    def start_host(self, name: str, pool: str, own_runs_disk: bool = False) -> TrainingHost:
+        """`up --role worker --pool POOL` on a new host of the LAN; with own_runs_disk, the host has its own files at
+        the control host's runs directory, as another machine would."""
+        namespace, address = self.lan.plug_in(name)
+        host = TrainingHost(namespace, address, self.stack.host_env(name), f"{name}-worker")
+        up = [sys.executable, "-m", "infra.stack", "up", "--role", "worker", "--pool", pool, "--name", host.worker]
+        if own_runs_disk:
+            disk, runs = Path(host.env["TRAINYARD_HOME"]) / "disk", self.stack.settings.runs_dir
+            disk.mkdir()
+            runs.mkdir(parents=True, exist_ok=True)
+            mount = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'  # the worker and its runs inherit the mount
+            up = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", str(disk), str(runs), *up]
+        started = host.run(*up, "--limit", "1")
+        self.hosts.append(host)
+        assert started.returncode == 0, f"up --role worker on {name}:\n{started.stdout}\n{started.stderr}"
+        return host
 
 
 @pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory) -> Iterator[TwoHosts]:
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
     if missing := missing_programs():
         pytest.skip(f"needs PostgreSQL's server programs for the control host's own cluster; missing: {missing}")
+    if not shutil.which("unshare"):
+        pytest.skip("needs util-linux's unshare to give a training host a disk of its own")
     import boto3
 
     tmp = tmp_path_factory.mktemp("net")
-    with linked_namespace() as link:
-        hba = f"host all all {link.control_ip.rsplit('.', 1)[0]}.0/24 trust"
-        with throwaway_cluster(free_port(link.control_ip), listen=link.control_ip, hba=hba) as postgres:
-            moto, endpoint = start_moto(host=link.control_ip)
+    with lan() as network:
+        hba = f"host all all {network.prefix}.0/24 trust"
+        with throwaway_cluster(free_port(network.control_ip), listen=network.control_ip, hba=hba) as postgres:
+            moto, endpoint = start_moto(host=network.control_ip)
             try:
                 s3 = boto3.client(
                     "s3",
@@ -126,9 +184,9 @@ def two_hosts(tmp_path_factory) -> Iterator[TwoHosts]:
                 control_env = {
                     **clean_env(tmp),
                     "TRAINYARD_HOME": str(tmp / "control"),
-                    "TRAINYARD_HOST": link.control_ip,  # the servers listen there, and every host reaches them there
-                    "TRAINYARD_PREFECT_PORT": str(free_port(link.control_ip)),
-                    "TRAINYARD_MLFLOW_PORT": str(free_port(link.control_ip)),
+                    "TRAINYARD_HOST": network.control_ip,  # the servers listen there; every host reaches them there
+                    "TRAINYARD_PREFECT_PORT": str(free_port(network.control_ip)),
+                    "TRAINYARD_MLFLOW_PORT": str(free_port(network.control_ip)),
                     "TRAINYARD_DATABASE_URL": f"postgresql://postgres@{postgres.host}:{postgres.port}/ty_net",
                     "TRAINYARD_ARTIFACT_STORE": f"s3://{bucket}/team",
                     "TRAINYARD_S3_ENDPOINT_URL": endpoint,
@@ -137,59 +195,125 @@ def two_hosts(tmp_path_factory) -> Iterator[TwoHosts]:
                     "AWS_DEFAULT_REGION": "us-east-1",
                     "AWS_EC2_METADATA_DISABLED": "true",
                 }
-                stack = SharedStack(Settings.from_env(control_env), control_env, tmp, bucket, s3)
-                host = stack.host_env("training-host")
+                running = Cluster(
+                    network,
+                    SharedStack(Settings.from_env(control_env), control_env, tmp, bucket, s3),
+                    f"s3://{bucket}/datasets/shapes",
+                )
                 try:
                     cli("up", "--role", "control", env=control_env)
-                    deploy_torch_demo(stack.client_env(control_env))
-                    up = link.run(
-                        sys.executable, "-m", "infra.stack", "up", "--role", "worker", "--pool", POOL,
-                        "--name", WORKER, "--limit", "1", env=host,
-                    )  # fmt: skip
-                    assert up.returncode == 0, f"up --role worker in the namespace:\n{up.stdout}\n{up.stderr}"
-                    yield TwoHosts(link, stack, host, f"s3://{bucket}/datasets/shapes")
+                    deploy_torch_demo(running.stack.client_env(control_env))
+                    yield running
                 finally:
-                    cli("down", env=host, check=False)
+                    for host in running.hosts:
+                        cli("down", env=host.env, check=False)
                     cli("down", env=control_env, check=False)
             finally:
                 stop(moto)
 
 
-def test_the_training_host_reaches_the_control_host_only_over_the_link(two_hosts):
-    """The namespace is a host of its own: the control host's servers answer at its link address, not at 127.0.0.1."""
-    settings = two_hosts.stack.settings
+@pytest.fixture(scope="module")
+def demo_host(cluster) -> TrainingHost:
+    """The one training host that serves the torch demo deployment's pool."""
+    return cluster.start_host("gpu1", POOL)
+
+
+def test_a_training_host_reaches_the_control_host_only_over_the_lan(cluster, demo_host):
+    """The namespace is a host of its own: the control host's servers answer at its LAN address, not at 127.0.0.1."""
+    settings = cluster.stack.settings
     probe = "import socket, sys; sys.exit(socket.socket().connect_ex((sys.argv[1], int(sys.argv[2]))))"
-    over_link = two_hosts.link.run(sys.executable, "-c", probe, settings.host, str(settings.prefect_port))
-    on_loopback = two_hosts.link.run(sys.executable, "-c", probe, "127.0.0.1", str(settings.prefect_port))
-    assert over_link.returncode == 0, over_link.stderr
+    over_the_lan = demo_host.run(sys.executable, "-c", probe, settings.host, str(settings.prefect_port))
+    on_loopback = demo_host.run(sys.executable, "-c", probe, "127.0.0.1", str(settings.prefect_port))
+    assert over_the_lan.returncode == 0, over_the_lan.stderr
     assert on_loopback.returncode != 0  # refused: that loopback is the training host's own
 
 
-def test_a_run_triggered_on_the_control_host_trains_on_the_training_host_end_to_end(two_hosts):
+def test_a_run_triggered_on_the_control_host_trains_on_the_training_host_end_to_end(cluster, demo_host):
     from mlflow import MlflowClient
 
-    settings, host = two_hosts.stack.settings, two_hosts.host
-    run = train_on_a_worker(settings.prefect_api, two_hosts.dataset, "net-hosts")
+    settings, home = cluster.stack.settings, Path(demo_host.env["TRAINYARD_HOME"])
+    run = train_on_a_worker(settings.prefect_api, cluster.dataset, EXPERIMENT)
     assert run.state.is_completed(), f"{run.state.type}: {run.state.message}"
 
-    worker_log = (Path(host["TRAINYARD_HOME"]) / "logs" / "worker.log").read_text()
-    assert f"Worker '{WORKER}' submitting flow run '{run.id}'" in worker_log  # the training host's worker ran it
-    synced = Path(host["TRAINYARD_HOME"]) / "cache" / "datasets" / two_hosts.stack.bucket / "datasets" / "shapes"
+    assert f"Worker '{demo_host.worker}' submitting flow run '{run.id}'" in demo_host.worker_log()
+    synced = home / "cache" / "datasets" / cluster.stack.bucket / "datasets" / "shapes"
     assert (synced / "train").is_dir()  # into the training host's own cache
-    assert not (Path(two_hosts.stack.control_env["TRAINYARD_HOME"]) / "cache" / "datasets").exists()
+    assert not (Path(cluster.stack.control_env["TRAINYARD_HOME"]) / "cache" / "datasets").exists()
 
     client = MlflowClient(settings.mlflow_uri)
-    [mlflow_run] = client.search_runs(
-        [client.get_experiment_by_name("net-hosts").experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'"
-    )
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    [mlflow_run] = client.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{run.id}'")
     assert mlflow_run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "train_loss")] == [1]
-    [version] = client.search_model_versions("name = 'net-hosts'")
+    [version] = client.search_model_versions(f"name = '{EXPERIMENT}'")
     assert version.run_id == mlflow_run.info.run_id
 
-    uploaded = two_hosts.stack.objects("team/")
+    uploaded = cluster.stack.objects("team/")
     onnx = [key for key in uploaded if key.endswith("model.onnx")]
     assert onnx and all(uploaded[key] > 0 for key in onnx), sorted(uploaded)
     tags = mlflow_run.data.tags
-    assert tags["onnx.uri"].startswith(f"s3://{two_hosts.stack.bucket}/team/")
-    assert SECRET_KEY not in worker_log and SECRET_KEY not in json.dumps(tags)  # the host read it from the block
+    assert tags["onnx.uri"].startswith(f"s3://{cluster.stack.bucket}/team/")
+    assert SECRET_KEY not in demo_host.worker_log() and SECRET_KEY not in json.dumps(tags)  # it read the block
+
+
+def test_a_training_host_that_dies_is_replaced_by_another_that_resumes_its_work_from_s3(cluster):
+    """Two training hosts on their own pools and disks; the train flow runs on the control host. Host A loses power
+    mid-training; the zombie automation marks its step Crashed, the flow falls back to host B, which restores A's
+    pushed checkpoints over the LAN and finishes the training; the flow evaluates and exports from the push."""
+    from mlflow import MlflowClient
+
+    from infra.store import Store
+
+    control_shell = cluster.stack.client_env(cluster.stack.control_env)
+    for name, priority in (("net-a", "1"), ("net-b", "2")):
+        add = ["add", name, "--kind", "process", "--work-pool", name, "--priority", priority, "--max-concurrent", "1"]
+        subprocess.run([sys.executable, "-m", "infra.profiles", *add], cwd=ROOT, env=control_shell, check=True)
+    subprocess.run([sys.executable, "-m", "infra.apply"], cwd=ROOT, env=control_shell, check=True, timeout=300)
+    host_a = cluster.start_host("net-a", "net-a", own_runs_disk=True)
+    host_b = cluster.start_host("net-b", "net-b", own_runs_disk=True)
+
+    request = dict(
+        dataset=cluster.dataset, compute={"profiles": ["net-a", "net-b"]}, epochs=EPOCHS, batch_size=8, image_size=32,
+        experiment="net-fallback", registered_model="net-fallback", checkpoint={"min_interval_seconds": 0},
+    )  # fmt: skip
+    code = f"""
+        from flows.train import train
+        state = train(**{request!r}, return_state=True)
+        print("STATE", state.type.value, state.state_details.flow_run_id, flush=True)
+    """
+    flow = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=control_shell,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not [key for key in cluster.stack.objects("team/net-fallback/") if key.endswith("/latest.json")]:
+            assert time.monotonic() < deadline and flow.poll() is None, "host A never pushed a checkpoint"
+            time.sleep(0.5)
+        host_a.power_off()
+        out, _ = flow.communicate(timeout=600)
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    assert "STATE COMPLETED" in out, out[-3000:]
+    request_id = out.split("STATE COMPLETED")[-1].split()[0]
+
+    attempts = Store(cluster.stack.settings.database.url("postgresql+psycopg")).attempts(request_id)
+    assert [(a.profile, a.outcome) for a in attempts] == [("net-a", "crashed"), ("net-b", "completed")]
+    step_log = flow_run_logs(cluster.stack.settings.prefect_api, attempts[1].flow_run_id)
+    assert "restored" in step_log and "from s3://" in step_log and "resuming from" in step_log
+    assert list((Path(host_b.env["TRAINYARD_HOME"]) / "disk").iterdir())  # B trained on its own disk, not A's
+    assert "restored" in flow_run_logs(cluster.stack.settings.prefect_api, request_id)  # the flow's host too
+
+    client = MlflowClient(cluster.stack.settings.mlflow_uri)
+    experiment = client.get_experiment_by_name("net-fallback").experiment_id
+    [mlflow_run] = client.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{request_id}'")
+    assert mlflow_run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, EPOCHS + 1))  # every epoch once: none lost with host A, none trained twice
+    [version] = client.search_model_versions("name = 'net-fallback'")
+    assert version.run_id == mlflow_run.info.run_id
