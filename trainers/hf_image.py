@@ -479,10 +479,15 @@ def _eval_at(log_history: list[dict[str, Any]], step: int) -> dict[str, float] |
     return None
 
 
-def _save_atomically(model: PreTrainedModel, target: Path) -> None:
+def _link_model_files(checkpoint: Path, target: Path) -> None:
+    """`target` becomes a loadable model directory of the checkpoint's config and weights, hard-linked: the chosen
+    weights are already on disk, so they are not written a second time (and a rotated checkpoint keeps them)."""
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(str(partial))
+    partial.mkdir()
+    for path in checkpoint.iterdir():
+        if path.name == "config.json" or path.name.startswith(("model.", "model-")):  # weights, shards, index
+            os.link(path, partial / path.name)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
 
@@ -591,9 +596,8 @@ class HFImageTrainer(BaseTrainer):
         metrics = _eval_at(state.log_history, int(chosen.name.split("-")[1]))
         if metrics is None:  # pragma: no cover - every saved step was evaluated
             metrics = self.evaluate(job, chosen, "val")
-        # trainer.model now holds the weights of `chosen` (load_best_model_at_end).
         best = output_dir / "best"
-        _save_atomically(trainer.model, best)
+        _link_model_files(chosen, best)
         return TrainResult(
             best_checkpoint=best,
             last_checkpoint=last,
