@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from pg_cluster import missing_programs, throwaway_cluster
-from s3_server import ACCESS_KEY, SECRET_KEY, free_port, start_moto, stop
+from s3_server import SECRET_KEY, free_port, start_moto, stop
 
 from infra.settings import ROOT, Settings
 from trainers.data.synthetic import make_shapes_classification
@@ -40,10 +40,11 @@ from trainers.data.synthetic import make_shapes_classification
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/infra is not a package (its name is the project's)
 from test_shared_stack import (  # noqa: E402
     SharedStack,
-    clean_env,
     cli,
+    control_host_env,
     deploy_torch_demo,
     flow_run_logs,
+    new_bucket,
     train_on_a_worker,
 )
 
@@ -161,40 +162,19 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         pytest.skip(f"needs PostgreSQL's server programs for the control host's own cluster; missing: {missing}")
     if not shutil.which("unshare"):
         pytest.skip("needs util-linux's unshare to give a training host a disk of its own")
-    import boto3
-
     tmp = tmp_path_factory.mktemp("net")
     with lan() as network:
         hba = f"host all all {network.prefix}.0/24 trust"
         with throwaway_cluster(free_port(network.control_ip), listen=network.control_ip, hba=hba) as postgres:
             moto, endpoint = start_moto(host=network.control_ip)
             try:
-                s3 = boto3.client(
-                    "s3",
-                    endpoint_url=endpoint,
-                    aws_access_key_id=ACCESS_KEY,
-                    aws_secret_access_key=SECRET_KEY,
-                    region_name="us-east-1",
-                )
-                bucket = f"ty-net-{uuid.uuid4().hex[:8]}"
-                s3.create_bucket(Bucket=bucket)
+                s3, bucket = new_bucket(endpoint, "ty-net")
                 shapes = make_shapes_classification(tmp / "shapes", train_per_class=8, val_per_class=4)
                 for path in (p for p in shapes.rglob("*") if p.is_file()):
                     s3.upload_file(str(path), bucket, f"datasets/shapes/{path.relative_to(shapes).as_posix()}")
-                control_env = {
-                    **clean_env(tmp),
-                    "TRAINYARD_HOME": str(tmp / "control"),
-                    "TRAINYARD_HOST": network.control_ip,  # the servers listen there; every host reaches them there
-                    "TRAINYARD_PREFECT_PORT": str(free_port(network.control_ip)),
-                    "TRAINYARD_MLFLOW_PORT": str(free_port(network.control_ip)),
-                    "TRAINYARD_DATABASE_URL": f"postgresql://postgres@{postgres.host}:{postgres.port}/ty_net",
-                    "TRAINYARD_ARTIFACT_STORE": f"s3://{bucket}/team",
-                    "TRAINYARD_S3_ENDPOINT_URL": endpoint,
-                    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                    "AWS_DEFAULT_REGION": "us-east-1",
-                    "AWS_EC2_METADATA_DISABLED": "true",
-                }
+                database_url = f"postgresql://postgres@{postgres.host}:{postgres.port}/ty_net"
+                # The servers listen on the control host's LAN address; every host reaches them there.
+                control_env = control_host_env(tmp, network.control_ip, database_url, f"s3://{bucket}/team", endpoint)
                 running = Cluster(
                     network,
                     SharedStack(Settings.from_env(control_env), control_env, tmp, bucket, s3),

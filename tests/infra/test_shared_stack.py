@@ -156,6 +156,40 @@ def postgres_or_skip():
         )
 
 
+def new_bucket(endpoint: str, prefix: str):
+    """A boto3 client with the tests' keys on `endpoint`, and a new bucket there: (client, bucket name)."""
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name="us-east-1",
+    )
+    bucket = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    return s3, bucket
+
+
+def control_host_env(tmp: Path, host: str, database_url: str, artifact_store: str, endpoint: str) -> dict[str, str]:
+    """The control host's environment: servers on `host` (free ports there), the shared settings, the S3 keys."""
+    return {
+        **clean_env(tmp),
+        "TRAINYARD_HOME": str(tmp / "control"),
+        "TRAINYARD_HOST": host,
+        "TRAINYARD_PREFECT_PORT": str(free_port(host)),
+        "TRAINYARD_MLFLOW_PORT": str(free_port(host)),
+        "TRAINYARD_DATABASE_URL": database_url,
+        "TRAINYARD_ARTIFACT_STORE": artifact_store,
+        "TRAINYARD_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
 @contextmanager
 def shared_stack(tmp: Path, settings_env: dict[str, str] | None = None) -> Iterator[SharedStack]:
     """Fresh databases, a moto S3 server and a bucket, then `up --role control` with `settings_env` added to the
@@ -166,35 +200,13 @@ def shared_stack(tmp: Path, settings_env: dict[str, str] | None = None) -> Itera
     name = f"ty_test_{uuid.uuid4().hex[:10]}"
     moto, endpoint = start_moto()
     try:
-        import boto3
-
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name="us-east-1",
-        )
-        bucket = f"ty-shared-{uuid.uuid4().hex[:8]}"
-        s3.create_bucket(Bucket=bucket)
+        s3, bucket = new_bucket(endpoint, "ty-shared")
         admin_url = Database.parse(f"{ADMIN_URL}/x")
         login = f"{admin_url.user or 'postgres'}:{PG_PASSWORD}"
         server = f"{admin_url.host}:{admin_url.port}"
-        control_env = {
-            **clean_env(tmp),
-            "TRAINYARD_HOME": str(tmp / "control"),
-            "TRAINYARD_HOST": "127.0.0.1",
-            "TRAINYARD_PREFECT_PORT": str(free_port()),
-            "TRAINYARD_MLFLOW_PORT": str(free_port()),
-            "TRAINYARD_DATABASE_URL": f"postgresql://{login}@{server}/{name}",
-            "TRAINYARD_ARTIFACT_STORE": f"s3://{bucket}/team",
-            "TRAINYARD_S3_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            **(settings_env or {}),
-        }
+        database_url = f"postgresql://{login}@{server}/{name}"
+        control_env = control_host_env(tmp, "127.0.0.1", database_url, f"s3://{bucket}/team", endpoint)
+        control_env |= settings_env or {}
         settings = Settings.from_env(control_env)
         try:
             cli("up", "--role", "control", env=control_env)
