@@ -58,6 +58,13 @@ class CheckpointPolicy(StrictModel):
         "plus every_n_epochs epochs of work; the best checkpoint is the best of those written.",
     )
     keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept besides the best one (the newest K).")
+    best_metric: str | None = Field(
+        None,
+        description="The validation metric the best checkpoint is chosen by; unset = the trainer's default. "
+        "torch, hf-image: 'val_accuracy' (the default, higher is better) or 'val_loss' (lower is better). "
+        "yolo: 'fitness' (the default, Ultralytics' own), 'map50_95', 'map50', 'precision' or 'recall' (all higher "
+        "is better). Only epochs that have a checkpoint compete.",
+    )
 
 
 class TrainConfig(StrictModel):

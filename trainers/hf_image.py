@@ -15,6 +15,8 @@ Choices worth knowing:
   saved, by every_n_epochs or min_interval_seconds, cannot be the best checkpoint): after an unsaved evaluation
   the trainer state's best_metric / best_global_step go back to their values at the last save, so the next saved
   epoch is compared with the best saved one. The result's metrics are always those of the checkpoint it returns.
+  `checkpoint.best_metric` sets Transformers' metric_for_best_model / greater_is_better: val_accuracy ("accuracy",
+  higher is better, the default) or val_loss ("loss", lower is better); Transformers reads both as "eval_<name>".
 - Optimizers: adamw -> "adamw_torch" with weight_decay 0.01 (torch.optim.AdamW's default); adam ->
   "adamw_torch" with weight_decay 0 (decoupled decay of 0 makes AdamW exactly Adam); sgd -> "sgd" with
   momentum 0.9.
@@ -249,6 +251,8 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
             if self.save_skipped:
                 # Transformers' _determine_best_metric took the previous step's evaluation as the best so far,
                 # but that step has no checkpoint: compare the next saved step with the best saved one instead.
+                # Direction-free: a value is compared with greater_is_better, and None (nothing saved yet) starts
+                # again from -inf or +inf, so a minimised best_metric (val_loss) is restored the same way.
                 state.best_metric, state.best_global_step = self.best_as_saved
                 self.save_skipped = False
 
@@ -472,6 +476,12 @@ def _optimizer(name: str) -> dict[str, Any]:
     raise ValueError(f"optimizer {name!r} is not supported by the hf-image trainer")
 
 
+def _best_model_args(best_metric: str) -> dict[str, Any]:
+    """Transformers' choice of the best checkpoint for a Trainyard metric name (val_accuracy, val_loss)."""
+    name = best_metric.removeprefix("val_")  # what compute_metrics / the eval loss are called; Transformers adds eval_
+    return {"metric_for_best_model": name, "greater_is_better": name != "loss"}
+
+
 def _eval_at(log_history: list[dict[str, Any]], step: int) -> dict[str, float] | None:
     for entry in reversed(log_history):
         if entry.get("step") == step and "eval_accuracy" in entry:
@@ -534,6 +544,7 @@ class HFImageTrainer(BaseTrainer):
         model = build_model(config.model, job.dataset.labels, config.image_size)
 
         run_id = _active_mlflow_run_id()
+        best_metric = config.checkpoint.best_metric or PRIMARY_METRIC
         args = TrainingArguments(
             output_dir=str(output_dir),
             num_train_epochs=config.epochs,
@@ -553,8 +564,7 @@ class HFImageTrainer(BaseTrainer):
             save_steps=steps_per_epoch * config.checkpoint.every_n_epochs,
             save_total_limit=KEEP_CHECKPOINTS,
             load_best_model_at_end=True,
-            metric_for_best_model="accuracy",
-            greater_is_better=True,
+            **_best_model_args(best_metric),
             dataloader_num_workers=config.workers,
             dataloader_pin_memory=not use_cpu,
             use_cpu=use_cpu,
@@ -604,7 +614,7 @@ class HFImageTrainer(BaseTrainer):
             labels=list(job.dataset.labels),
             metrics=metrics,
             epochs_completed=state.global_step // steps_per_epoch,
-            primary_metric=PRIMARY_METRIC,
+            primary_metric=best_metric,
         )
 
     def evaluate(self, job: TrainJob, checkpoint: Path, split: str) -> dict[str, float]:

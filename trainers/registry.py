@@ -30,6 +30,7 @@ class TrainerSpec:
     model_paths: str  # what else `model` may be, in words, for error messages
     loss_options: frozenset[str] = field(default_factory=frozenset)
     takes_mosaic: bool = False
+    best_metrics: tuple[str, ...] = ("val_accuracy", "val_loss")  # checkpoint.best_metric's choices, default first
 
     def load(self) -> type[Trainer]:
         module, cls = self.target.split(":")
@@ -62,6 +63,12 @@ class TrainerSpec:
             )
         if config.augmentations.mosaic and not self.takes_mosaic:
             raise ValueError(f"augmentations.mosaic applies to detection (yolo) only, not to {self.name}; set it to 0")
+        best = config.checkpoint.best_metric
+        if best is not None and best not in self.best_metrics:
+            raise ValueError(
+                f"checkpoint.best_metric {best!r} is not a metric the {self.name} trainer chooses the best checkpoint "
+                f"by; use one of {', '.join(self.best_metrics)}, or leave it unset for {self.best_metrics[0]}"
+            )
 
 
 def _ultralytics_cfg(model: str) -> bool:
@@ -109,6 +116,7 @@ TRAINERS: dict[str, TrainerSpec] = {
             model_paths="another Ultralytics model yaml, or a local .pt/.yaml file",
             loss_options=frozenset({"box_gain", "cls_gain", "dfl_gain"}),
             takes_mosaic=True,
+            best_metrics=("fitness", "map50_95", "map50", "precision", "recall"),
         ),
     )
 }

@@ -2,10 +2,11 @@
 
 The fastest trainer, and the readable reference for the contract: one loop, one checkpoint dict.
 
-When it checkpoints: at the end of an epoch that is due (a multiple of `checkpoint.every_n_epochs`, or validation
-accuracy better than the best checkpoint's) unless the previous checkpoint, or the start of this attempt, is younger
+When it checkpoints: at the end of an epoch that is due (a multiple of `checkpoint.every_n_epochs`, or the best
+metric better than the best checkpoint's) unless the previous checkpoint, or the start of this attempt, is younger
 than `checkpoint.min_interval_seconds`; and always at the last epoch, once `checkpoint.every_seconds` have passed
-(mid-epoch too), on a pause, on "checkpoint now" and on a cancel. best.pt is the best of the checkpoints written.
+(mid-epoch too), on a pause, on "checkpoint now" and on a cancel. best.pt is the best of the checkpoints written,
+by `checkpoint.best_metric`: val_accuracy (higher is better, the default) or val_loss (lower is better).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from trainers.export import export_image_classifier
 
 log = logging.getLogger("trainers.torch")
 CHECKPOINT_FORMAT = 2  # 2: mid-epoch progress, per-epoch loader order
+DEFAULT_BEST_METRIC = "val_accuracy"
+_HIGHER_IS_BETTER = {"val_accuracy": True, "val_loss": False}  # checkpoint.best_metric's choices
 
 
 def tiny_cnn(num_classes: int) -> nn.Module:
@@ -132,6 +135,7 @@ class TorchClassifierTrainer(Trainer):
         metrics_log.flush(progress.history)  # a crash between a checkpoint and its logging left these out
         job.emit_start(config.epochs, progress.epoch)
         policy = config.checkpoint
+        best_metric = policy.best_metric or DEFAULT_BEST_METRIC
         last_saved = time.monotonic()
 
         def time_is_up() -> bool:
@@ -177,7 +181,7 @@ class TorchClassifierTrainer(Trainer):
                     "learning_rate": scheduler.get_last_lr()[0],
                 }
                 # progress.best is the best of the checkpoints written: an epoch that is not saved cannot be best.
-                improved = metrics["val_accuracy"] > progress.best["val_accuracy"]
+                improved = _improves(metrics, progress.best, best_metric)
                 due = improved or epoch % policy.every_n_epochs == 0
                 save = epoch == config.epochs or time_is_up() or (due and not too_soon())
                 consistent = False
@@ -217,7 +221,7 @@ class TorchClassifierTrainer(Trainer):
             labels=list(job.dataset.labels),
             metrics=progress.best,
             epochs_completed=progress.epoch,
-            primary_metric="val_accuracy",
+            primary_metric=best_metric,
         )
 
     @staticmethod
@@ -305,6 +309,14 @@ def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device: torch.devic
         correct += (logits.argmax(1) == targets).sum().item()
         total += len(targets)
     return {f"{split}_accuracy": correct / max(total, 1), f"{split}_loss": loss / max(total, 1)}
+
+
+def _improves(metrics: dict[str, float], best: dict[str, float], name: str) -> bool:
+    """Whether `metrics` beat the best checkpoint's by the metric `name`. A best without it (none written yet)
+    is beaten by any value."""
+    if _HIGHER_IS_BETTER[name]:
+        return metrics[name] > best.get(name, -math.inf)
+    return metrics[name] < best.get(name, math.inf)
 
 
 def _epoch_loader(data, config: TrainConfig, epoch: int, skip: int) -> DataLoader:

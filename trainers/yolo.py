@@ -9,7 +9,10 @@ Layout of `job.output_dir` (it is Ultralytics' run directory):
     trainyard.json      dataset version and label map, checked when a later attempt resumes here
     args.yaml, results.csv
     weights/last.pt     each saved epoch (Ultralytics' save_model); stripped of optimizer state when training ends
-    weights/best.pt     the saved epoch of best fitness (Ultralytics); stripped when training ends
+    weights/best.pt     the saved epoch of best fitness (Ultralytics); stripped when training ends. Fitness is
+                        Ultralytics' own unless `checkpoint.best_metric` names a validation metric (map50_95,
+                        map50, precision, recall; higher is better): the trainer subclass then returns that as the
+                        fitness, so best_fitness, best.pt and early stopping follow it
     weights/epochN.pt   full-state copy of last.pt for a saved epoch N that is a multiple of
                         `checkpoint.every_n_epochs`, the last, a pause or a "checkpoint now";
                         written atomically, with its SHA-256 in weights/trainyard-manifest.json
@@ -63,6 +66,8 @@ _BOX_METRICS = {
     "metrics/precision(B)": "precision",
     "metrics/recall(B)": "recall",
 }
+# checkpoint.best_metric -> Ultralytics' validation key that becomes the fitness ("fitness": Ultralytics' own).
+_FITNESS_KEYS = {name: key for key, name in _BOX_METRICS.items()}
 _INTEGRATIONS_OFF = {"sync": False, "clearml": False, "comet": False, "dvc": False, "raytune": False}
 _MLFLOW_PARAM_PREFIX = "yolo."  # Ultralytics' args, namespaced so they never collide with the caller's params
 _STATE_FILE = "trainyard.json"
@@ -105,7 +110,8 @@ class YoloTrainer(Trainer):
             model.add_callback(event, hook)
 
         with _mlflow_inside_active_run():
-            model.train(trainer=_interval_saving_trainer(model.task_map[model.task]["trainer"], progress), **args)
+            base = model.task_map[model.task]["trainer"]
+            model.train(trainer=_interval_saving_trainer(base, progress, job.config.checkpoint.best_metric), **args)
         if job.control.pause_requested and progress.last_epoch < job.config.epochs:
             raise TrainingPaused(f"paused after epoch {progress.last_epoch} (weights/epoch{progress.last_epoch}.pt)")
 
@@ -131,7 +137,7 @@ class YoloTrainer(Trainer):
             labels=list(job.dataset.labels),
             metrics=metrics,
             epochs_completed=epochs,
-            primary_metric=PRIMARY_METRIC,
+            primary_metric=_primary_metric(job.config.checkpoint.best_metric),
         )
 
     # --------------------------------------------------------------- evaluate
@@ -456,10 +462,27 @@ def _forget_unsaved_epochs(results_csv: Path, completed: int) -> None:
         write_atomic(results_csv, lambda handle: handle.write("\n".join([header, *kept, ""]).encode()))
 
 
-def _interval_saving_trainer(base: type, progress: _Progress) -> type:
-    """Ultralytics' trainer for the model's task (`base`), saving an epoch only when `progress` says it is due."""
+def _primary_metric(best_metric: str | None) -> str:
+    """The result's name for what best.pt was chosen by (Ultralytics' fitness is its mAP50-95 for detection)."""
+    return PRIMARY_METRIC if best_metric in (None, "fitness") else f"val_{best_metric}"
+
+
+def _interval_saving_trainer(base: type, progress: _Progress, best_metric: str | None = None) -> type:
+    """Ultralytics' trainer for the model's task (`base`), saving an epoch only when `progress` says it is due,
+    with `best_metric` (checkpoint.best_metric) as the fitness that best.pt follows."""
+    fitness_key = _FITNESS_KEYS.get(best_metric)  # None: Ultralytics' own fitness
 
     class IntervalSavingTrainer(base):
+        def validate(self):
+            best_before = self.best_fitness
+            metrics, fitness = super().validate()
+            if metrics is None or fitness_key is None:
+                return metrics, fitness
+            # The chosen metric is the fitness: Ultralytics' best_fitness, best.pt and early stopping follow it.
+            fitness = metrics[fitness_key]
+            self.best_fitness = fitness if best_before is None or best_before < fitness else best_before
+            return metrics, fitness
+
         def save_model(self) -> bool:
             if not progress.save_due(self):
                 # validate() has already raised best_fitness to this epoch's: back to its value at the last save,

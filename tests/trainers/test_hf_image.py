@@ -85,6 +85,7 @@ def _job(dataset: DatasetSpec, output_dir: Path, *, epochs: int = EPOCHS, model:
         checkpoint={
             "every_n_epochs": kw.pop("every_n_epochs", EVERY_N),
             "min_interval_seconds": kw.pop("min_interval_seconds", 0),
+            "best_metric": kw.pop("checkpoint_best_metric", None),
         },
         **kw,
     )
@@ -625,3 +626,53 @@ def test_the_best_checkpoint_is_the_best_of_those_saved_not_a_skipped_epoch(
     assert (state["best_model_checkpoint"], state["best_metric"]) == (str(last), 0.6)
     assert result.metrics["val_accuracy"] == 0.6
     _assert_same_weights(result.best_checkpoint, last)
+
+
+def _scripted_metrics(monkeypatch, scores: list[tuple[float, float]]) -> None:
+    """(accuracy, loss) per evaluation from Trainyard's compute_metrics; its "loss" becomes eval_loss, replacing
+    the loss Transformers computed (its own keys are prefixed after compute_metrics's)."""
+    from trainers import hf_image
+
+    scripted = iter(scores)
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        accuracy, loss = next(scripted)
+        return {"accuracy": accuracy, "loss": loss}
+
+    monkeypatch.setattr(hf_image, "_compute_metrics", compute_metrics)
+
+
+@pytest.mark.parametrize(("best_metric", "best_epoch"), [(None, 2), ("val_accuracy", 2), ("val_loss", 3)])
+def test_the_best_checkpoint_follows_the_chosen_metric(
+    shapes: DatasetSpec, tmp_path: Path, monkeypatch, best_metric, best_epoch
+):
+    # The most accurate epoch (2) is not the one of lowest loss (3).
+    scores = [(0.5, 0.8), (0.9, 0.6), (0.7, 0.3)]
+    _scripted_metrics(monkeypatch, scores)
+    out = tmp_path / "out"
+    job = _job(shapes, out, every_n_epochs=1, checkpoint_best_metric=best_metric)
+    result = HFImageTrainer().train(job)
+    best = out / f"checkpoint-{best_epoch * STEPS_PER_EPOCH}"
+    state = json.loads((out / f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}" / "trainer_state.json").read_text())
+    chosen = scores[best_epoch - 1][0 if best_metric in (None, "val_accuracy") else 1]
+    assert (state["best_model_checkpoint"], state["best_metric"]) == (str(best), chosen)
+    assert result.metrics == {"val_accuracy": scores[best_epoch - 1][0], "val_loss": scores[best_epoch - 1][1]}
+    assert result.primary_metric == (best_metric or "val_accuracy")
+    _assert_same_weights(result.best_checkpoint, best)
+
+
+def test_a_minimised_best_metric_is_the_best_of_those_saved_not_a_skipped_epoch(
+    shapes: DatasetSpec, tmp_path: Path, monkeypatch
+):
+    # Loss scripted so that epoch 2, which min_interval_seconds does not save, would be the best (lowest).
+    _scripted_metrics(monkeypatch, [(0.5, 0.7), (0.5, 0.1), (0.5, 0.4)])
+    out = tmp_path / "out"
+    HFImageTrainer().train(_job(shapes, out, epochs=1, every_n_epochs=1, checkpoint_best_metric="val_loss"))
+    job = _job(shapes, out, every_n_epochs=1, min_interval_seconds=HOUR, checkpoint_best_metric="val_loss")
+    result = HFImageTrainer().train(job)
+    last = out / f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}"
+    assert [path for _, path in job.callbacks[0].checkpoints] == [last]  # epoch 2 (0.1) not saved
+    # Epoch 3 (0.4) beats the best saved checkpoint (epoch 1, 0.7), whatever the unsaved epoch 2 scored.
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert (state["best_model_checkpoint"], state["best_metric"]) == (str(last), 0.4)
+    assert result.metrics["val_loss"] == 0.4

@@ -223,7 +223,9 @@ class Saves(Callback):
         self.names.append(path.name)
 
 
-def in_process_job(dataset: Path, out: Path, epochs: int, min_interval: float, **asks: int) -> TrainJob:
+def in_process_job(
+    dataset: Path, out: Path, epochs: int, min_interval: float, best_metric: str | None = None, **asks: int
+) -> TrainJob:
     config = TrainConfig(
         dataset=str(dataset),
         trainer="torch",
@@ -232,7 +234,7 @@ def in_process_job(dataset: Path, out: Path, epochs: int, min_interval: float, *
         batch_size=4,
         image_size=32,
         learning_rate=0.01,
-        checkpoint={"min_interval_seconds": min_interval},
+        checkpoint={"min_interval_seconds": min_interval, "best_metric": best_metric},
     )
     job = TrainJob(config, load_dataset(dataset), out)
     job.callbacks.append(Saves(job, **asks))
@@ -288,3 +290,43 @@ def test_the_best_checkpoint_is_the_best_of_those_written_not_a_skipped_epoch(da
 def test_a_negative_min_interval_is_refused_by_name(dataset, trainer):
     with pytest.raises(ValidationError, match=r"checkpoint\.min_interval_seconds\n.*greater than or equal to 0"):
         TrainConfig(dataset=str(dataset), trainer=trainer, checkpoint={"min_interval_seconds": -1})
+
+
+# ------------------------------------------------------------------------------------------ checkpoint.best_metric
+
+
+@pytest.mark.parametrize(("best_metric", "best_epoch"), [(None, 2), ("val_accuracy", 2), ("val_loss", 3)])
+def test_best_pt_follows_the_chosen_metric(dataset, tmp_path, monkeypatch, best_metric, best_epoch):
+    from trainers import torch_classifier
+
+    # (accuracy, loss) scripted per epoch: the most accurate epoch (2) is not the one of lowest loss (3).
+    scores = iter([(0.5, 0.8), (0.9, 0.6), (0.7, 0.3)])
+    real_evaluate = torch_classifier._evaluate
+
+    def scripted(*args, **kwargs) -> dict[str, float]:
+        accuracy, loss = next(scores)
+        return {**real_evaluate(*args, **kwargs), "val_accuracy": accuracy, "val_loss": loss}
+
+    monkeypatch.setattr(torch_classifier, "_evaluate", scripted)
+    result = TorchClassifierTrainer().train(in_process_job(dataset, tmp_path, EPOCHS, 0, best_metric))
+    best_step = best_epoch * STEPS_PER_EPOCH
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["best"] == ckpt(best_epoch, best_step)
+    assert torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=False)["epoch"] == best_epoch
+    assert result.metrics == {
+        "val_accuracy": [0.5, 0.9, 0.7][best_epoch - 1],
+        "val_loss": [0.8, 0.6, 0.3][best_epoch - 1],
+    }
+    assert result.primary_metric == (best_metric or "val_accuracy")
+
+
+@pytest.mark.parametrize(
+    ("trainer", "model", "name", "allowed"),
+    [
+        ("torch", "tiny-cnn", "map50", "val_accuracy, val_loss"),
+        ("hf-image", "vit-tiny", "accuracy", "val_accuracy, val_loss"),
+        ("yolo", "yolov8n.yaml", "val_loss", "fitness, map50_95, map50, precision, recall"),
+    ],
+)
+def test_a_best_metric_the_trainer_does_not_report_is_refused_by_name(dataset, trainer, model, name, allowed):
+    with pytest.raises(ValidationError, match=rf"checkpoint\.best_metric '{name}' .* {trainer} trainer.*{allowed}"):
+        TrainConfig(dataset=str(dataset), trainer=trainer, model=model, checkpoint={"best_metric": name})

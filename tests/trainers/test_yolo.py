@@ -45,7 +45,12 @@ class Recorder(Callback):
 
 
 def make_job(
-    dataset, data_yaml: Path, output_dir: Path, epochs: int = EPOCHS, min_interval_seconds: float = 0
+    dataset,
+    data_yaml: Path,
+    output_dir: Path,
+    epochs: int = EPOCHS,
+    min_interval_seconds: float = 0,
+    best_metric: str | None = None,
 ) -> tuple[TrainJob, Recorder]:
     config = TrainConfig(
         dataset=str(data_yaml),
@@ -57,7 +62,7 @@ def make_job(
         learning_rate=1e-3,
         # min_interval_seconds 0 unless a test says otherwise: these epochs take about a second, and the tests
         # count on Ultralytics' save at every epoch.
-        checkpoint={"every_n_epochs": EVERY, "min_interval_seconds": min_interval_seconds},
+        checkpoint={"every_n_epochs": EVERY, "min_interval_seconds": min_interval_seconds, "best_metric": best_metric},
     )
     recorder = Recorder()
     return TrainJob(config=config, dataset=dataset, output_dir=output_dir, callbacks=[recorder]), recorder
@@ -520,3 +525,30 @@ def test_epochs_inside_the_min_interval_are_not_saved_and_best_pt_is_the_best_of
     # Trainyard's metric names: epoch 2 reached MLflow with epoch 3's checkpoint, each epoch once.
     for name in VAL_METRICS | TRAIN_LOSSES:
         assert sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, name)) == [1, 2, 3], name
+
+
+# -------------------------------------------------------------------------------------- checkpoint.best_metric
+
+
+def test_best_pt_follows_the_chosen_metric_as_ultralytics_fitness(dataset, tmp_path):
+    import csv
+
+    from trainers.yolo import YoloTrainer, _load_ckpt
+
+    spec, data_yaml = dataset
+    job, _ = make_job(spec, data_yaml, tmp_path / "job", best_metric="map50")
+    result = YoloTrainer().train(job)
+    weights = tmp_path / "job" / "weights"
+    with (tmp_path / "job" / "results.csv").open(newline="") as handle:
+        rows = [{key.strip(): value for key, value in row.items()} for row in csv.DictReader(handle)]
+    map50 = [float(row["metrics/mAP50(B)"]) for row in rows]
+    assert len(map50) == EPOCHS  # min_interval_seconds 0: every epoch saved, so every epoch competes
+    # Each saved epoch's fitness is its mAP50, and best.pt is the epoch of the highest.
+    for copy in (weights / f"epoch{EVERY}.pt", weights / f"epoch{EPOCHS}.pt"):
+        metrics = _load_ckpt(copy)["train_metrics"]
+        assert metrics["fitness"] == metrics["metrics/mAP50(B)"]
+    best = _load_ckpt(weights / "best.pt")
+    assert best["train_metrics"]["fitness"] == pytest.approx(max(map50))
+    assert _load_ckpt(weights / f"epoch{EPOCHS}.pt")["best_fitness"] == pytest.approx(max(map50))  # best.pt: stripped
+    assert result.primary_metric == "val_map50"
+    assert result.metrics["val_map50"] == pytest.approx(max(map50), abs=1e-4)  # Ultralytics' final val of best.pt
