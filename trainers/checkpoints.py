@@ -248,25 +248,3 @@ def file_damage(path: Path) -> str | None:
     if path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
         return f"{path.name} differs from the manifest (size or SHA-256)"
     return None
-
-
-class CheckpointClock:
-    """The time side of a CheckpointPolicy, shared by the trainers: `every_seconds` asks for a checkpoint, and
-    `min_interval_seconds` holds back a due epoch checkpoint after a recent one (`policy`: the config's
-    CheckpointPolicy). Starts at creation (the start of an attempt) and again at each `saved()`."""
-
-    def __init__(self, policy: Any) -> None:
-        self.every_seconds, self.min_interval_seconds = policy.every_seconds, policy.min_interval_seconds
-        self.saved()
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-    def _age(self) -> float:
-        return time.monotonic() - self.last
-
-    def time_is_up(self) -> bool:
-        return bool(self.every_seconds) and self._age() >= self.every_seconds
-
-    def too_soon(self) -> bool:  # short epochs would spend their time writing checkpoints
-        return self._age() < self.min_interval_seconds

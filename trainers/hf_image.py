@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import trainers.offline  # noqa: F401  (before Transformers: offline, no telemetry)
 from trainers.base import Trainer as BaseTrainer
 from trainers.base import TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import CheckpointClock, CheckpointError, dir_damage, signals_held, write_dir_manifest
+from trainers.checkpoints import CheckpointError, dir_damage, signals_held, write_dir_manifest
 from trainers.export import export_image_classifier
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
             # False while the optimizer updates the weights and until the next step begins (logging, evaluation,
             # saving): a checkpoint written on an interruption then would hold a state that never was.
             self.consistent = False
-            self.clock = CheckpointClock(job.config.checkpoint)
+            self.last_saved = time.monotonic()
             # state.best_metric / best_global_step as of the last save, and whether an evaluated step since then
             # was not saved (see on_step_begin).
             self.best_as_saved: tuple[Any, Any] = (None, None)
@@ -229,7 +229,7 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
             self.training = True  # the trainer state is already restored from the checkpoint when resuming
             if moved_best is not None:  # this directory's copy, not the path another host recorded
                 state.best_model_checkpoint = str(moved_best)
-            self.clock.saved()  # the interval counts from the start of this attempt
+            self.last_saved = time.monotonic()
             self.best_as_saved = (state.best_metric, state.best_global_step)
             job.emit_start(job.config.epochs, state.global_step // steps_per_epoch)
 
@@ -261,11 +261,14 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
 
         def on_step_end(self, args, state, control, **kwargs):
             # Runs after DefaultFlowCallback, which asks for a save every save_steps and at the last step.
-            if job.control.pause_requested or job.control.take_checkpoint_request() or self.clock.time_is_up():
+            policy = job.config.checkpoint
+            age = time.monotonic() - self.last_saved
+            time_is_up = bool(policy.every_seconds) and age >= policy.every_seconds
+            if job.control.pause_requested or job.control.take_checkpoint_request() or time_is_up:
                 # A pause, a "checkpoint now" or every_seconds: Transformers saves a full checkpoint at this
                 # step. Mid-epoch is fine: its resume skips the batches of the epoch that were already trained.
                 control.should_save = True
-            elif control.should_save and state.global_step < state.max_steps and self.clock.too_soon():
+            elif control.should_save and state.global_step < state.max_steps and age < policy.min_interval_seconds:
                 control.should_save = False  # too soon after the last checkpoint (min_interval_seconds)
                 self.save_skipped = True
             if job.control.pause_requested:
@@ -278,7 +281,7 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
 
         def saved(self, path: Path, step: int) -> None:
             write_dir_manifest(path)
-            self.clock.saved()
+            self.last_saved = time.monotonic()
             job.emit_checkpoint(step // steps_per_epoch, path)  # epochs completed
 
         def on_train_end(self, args, state, control, **kwargs):

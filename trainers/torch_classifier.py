@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
 from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import CheckpointClock, CheckpointError, CheckpointStore, signals_held
+from trainers.checkpoints import CheckpointError, CheckpointStore, signals_held
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
 from trainers.export import export_image_classifier
@@ -135,12 +136,19 @@ class TorchClassifierTrainer(Trainer):
         job.emit_start(config.epochs, progress.epoch)
         policy = config.checkpoint
         best_metric = policy.best_metric or DEFAULT_BEST_METRIC
-        clock = CheckpointClock(policy)
+        last_saved = time.monotonic()
+
+        def time_is_up() -> bool:
+            return bool(policy.every_seconds) and time.monotonic() - last_saved >= policy.every_seconds
+
+        def too_soon() -> bool:  # short epochs would spend their time writing checkpoints
+            return time.monotonic() - last_saved < policy.min_interval_seconds
 
         def checkpoint(best: bool = False) -> None:
+            nonlocal last_saved
             state = self._state(job, model, optimizer, scheduler, progress)
             path = store.save(lambda handle: torch.save(state, handle), progress.epoch, progress.step, best)
-            clock.saved()
+            last_saved = time.monotonic()
             metrics_log.flush(progress.history)  # only epochs a checkpoint holds: a resumed run never repeats one
             job.emit_checkpoint(progress.epoch, path)
 
@@ -165,7 +173,7 @@ class TorchClassifierTrainer(Trainer):
                         raise TrainingPaused(f"paused in epoch {epoch}, after batch {progress.batch}")
                     if job.control.take_checkpoint_request():
                         checkpoint()  # asked for ("checkpoint now")
-                    elif clock.time_is_up() and progress.batch < steps_per_epoch:
+                    elif time_is_up() and progress.batch < steps_per_epoch:
                         checkpoint()  # mid-epoch: the time-based policy
                 metrics = {
                     "train_loss": progress.loss_sum / max(progress.seen, 1),
@@ -175,7 +183,7 @@ class TorchClassifierTrainer(Trainer):
                 # progress.best is the best of the checkpoints written: an epoch that is not saved cannot be best.
                 improved = _improves(metrics, progress.best, best_metric)
                 due = improved or epoch % policy.every_n_epochs == 0
-                save = epoch == config.epochs or clock.time_is_up() or (due and not clock.too_soon())
+                save = epoch == config.epochs or time_is_up() or (due and not too_soon())
                 consistent = False
                 progress.epoch, progress.batch, progress.loss_sum, progress.seen = epoch, 0, 0.0, 0
                 progress.history[epoch] = metrics

@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,14 +46,7 @@ import yaml
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
 from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import (
-    CheckpointClock,
-    CheckpointError,
-    copy_atomic,
-    file_damage,
-    record_file,
-    write_atomic,
-)
+from trainers.checkpoints import CheckpointError, copy_atomic, file_damage, record_file, write_atomic
 
 log = logging.getLogger("trainers.yolo")
 
@@ -509,13 +503,15 @@ class _Progress:
     def __init__(self, job: TrainJob) -> None:
         self.job = job
         self.every = job.config.checkpoint.every_n_epochs
-        self.clock = CheckpointClock(job.config.checkpoint)
+        self.min_interval = job.config.checkpoint.min_interval_seconds
+        self.every_seconds = job.config.checkpoint.every_seconds
         self.train_epoch: int | None = None  # 0-based index of the epoch that just trained
         self.pending: tuple[int, Path] | None = None
         self.requested = False  # a "checkpoint now" arrived during this epoch
         self.epochs_seen: list[int] = []
         self.last_epoch = 0
         self.best_metrics: dict[str, float] | None = None
+        self.last_saved = time.monotonic()
         self.saved_best_fitness: float | None = None  # trainer.best_fitness as of the last save
         self.saved_epoch = 0  # 1-based epoch of the last save
         self.unlogged: dict[int, dict[str, float]] = {}  # epoch -> metrics not yet in MLflow (no checkpoint yet)
@@ -530,7 +526,7 @@ class _Progress:
         }
 
     def on_train_start(self, trainer) -> None:
-        self.clock.saved()  # the interval counts from the start of this attempt
+        self.last_saved = time.monotonic()
         self.saved_best_fitness = trainer.best_fitness  # the resumed checkpoint's, or None
         self.job.emit_start(int(trainer.epochs), int(trainer.start_epoch))
         if trainer.start_epoch and getattr(trainer, "_mlflow_active", False):
@@ -548,11 +544,13 @@ class _Progress:
         """Ultralytics saves every epoch: not while the last checkpoint is younger than min_interval_seconds, unless
         training stops after this epoch (the last one, a pause, early stopping), a checkpoint was asked for, or
         every_seconds (an explicit ask, here at epoch ends) have passed."""
+        age = time.monotonic() - self.last_saved
         final = trainer.stop or trainer.epoch + 1 >= trainer.epochs
-        return final or self.requested or self.clock.time_is_up() or not self.clock.too_soon()
+        time_is_up = bool(self.every_seconds) and age >= self.every_seconds
+        return final or self.requested or time_is_up or age >= self.min_interval
 
     def written(self, trainer) -> None:
-        self.clock.saved()
+        self.last_saved = time.monotonic()
         self.saved_best_fitness = trainer.best_fitness
         self.saved_epoch = trainer.epoch + 1
 

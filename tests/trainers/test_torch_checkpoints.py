@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from asks import AskAfterEpoch
 from pydantic import ValidationError
 
 from infra.settings import ROOT
-from trainers.base import TrainingPaused, TrainJob
+from trainers.base import Callback, TrainingPaused, TrainJob
 from trainers.checkpoints import CheckpointError, CheckpointStore
 from trainers.config import TrainConfig
 from trainers.data.synthetic import make_shapes_classification
@@ -207,6 +206,23 @@ def test_checkpoint_now_writes_one_at_the_next_step_and_training_goes_on(dataset
 # ------------------------------------------------------------------ checkpoint.min_interval_seconds (in-process)
 
 
+class Saves(Callback):
+    """Records the checkpoints written; asks for a pause or a checkpoint when the given epoch ends."""
+
+    def __init__(self, job: TrainJob, pause_after: int = 0, checkpoint_after: int = 0) -> None:
+        self.job, self.pause_after, self.checkpoint_after = job, pause_after, checkpoint_after
+        self.names: list[str] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == self.pause_after:
+            self.job.control.request_pause()
+        if epoch == self.checkpoint_after:
+            self.job.control.request_checkpoint()
+
+    def on_checkpoint(self, epoch: int, path: Path) -> None:
+        self.names.append(path.name)
+
+
 def in_process_job(
     dataset: Path, out: Path, epochs: int, min_interval: float, best_metric: str | None = None, **asks: int
 ) -> TrainJob:
@@ -221,7 +237,7 @@ def in_process_job(
         checkpoint={"min_interval_seconds": min_interval, "best_metric": best_metric},
     )
     job = TrainJob(config, load_dataset(dataset), out)
-    job.callbacks.append(AskAfterEpoch(job, **asks))
+    job.callbacks.append(Saves(job, **asks))
     return job
 
 

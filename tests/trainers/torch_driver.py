@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
-from asks import AskAfterEpoch  # this folder is on sys.path when the driver runs as a script
 
-from trainers.base import TrainingPaused, TrainJob
+from trainers.base import Callback, TrainingPaused, TrainJob
 from trainers.config import TrainConfig
 from trainers.data.validate import load_dataset
 from trainers.torch_classifier import TorchClassifierTrainer, tiny_cnn
@@ -79,6 +78,25 @@ def _export(model, args, f, *rest, **kwargs):
 torch.onnx.export = _export
 
 
+class AskAfterEpoch(Callback):
+    """What a user's pause or "checkpoint now" does, arriving while the given epoch ends."""
+
+    def __init__(self, job: TrainJob) -> None:
+        self.job = job
+        self.pause = int(os.environ.get("PAUSE_AFTER_EPOCH", "0"))
+        self.checkpoint = int(os.environ.get("CHECKPOINT_AFTER_EPOCH", "0"))
+        self.saved: list[tuple[int, str]] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == self.pause:
+            self.job.control.request_pause()
+        if epoch == self.checkpoint:
+            self.job.control.request_checkpoint()
+
+    def on_checkpoint(self, epoch: int, path: Path) -> None:
+        self.saved.append((epoch, path.name))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     every = os.environ.get("EVERY_SECONDS")
@@ -100,9 +118,7 @@ def main() -> None:
         import mlflow
 
         mlflow.start_run(run_id=run_id)
-    asks = AskAfterEpoch(
-        job, int(os.environ.get("PAUSE_AFTER_EPOCH", "0")), int(os.environ.get("CHECKPOINT_AFTER_EPOCH", "0"))
-    )
+    asks = AskAfterEpoch(job)
     job.callbacks.append(asks)
     trainer = TorchClassifierTrainer()
     try:
