@@ -9,7 +9,11 @@ Ultralytics' BaseTrainer.save_model, and any other `torch.save` or safetensors `
 work around the libraries' checkpoints (hf-image's checksum manifests, yolo's verified epochN.pt copies). The load
 time is reading the final resumable checkpoint back.
 
-    python bench/checkpoint.py [--trainers torch,hf-image,yolo] [--epochs-scale 1.0] [--data-scale 1]
+    python bench/checkpoint.py [--trainers torch,hf-image,yolo] [--epochs-scale 1.0] [--data-scale 1] [--cold]
+
+The process is first prepared as the warm-start server prepares the one it forks each training on a process
+worker from (infra/warm_start.py: the same imports and `warm_up()` hooks). --cold skips that, as in a container
+that starts one training: hf-image's first checkpoint then also builds Transformers' weight-conversion table.
 
 --data-scale N generates N times the demo's images: each epoch takes about N times longer while a checkpoint costs
 the same, which shows the share for epochs longer than the demo's very short ones (0.4 s for hf-image).
@@ -138,7 +142,12 @@ def main() -> None:
     parser.add_argument("--trainers", default=",".join(DEMOS))
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="fraction of the demo's epochs to train")
     parser.add_argument("--data-scale", type=int, default=1, help="times the demo's number of images (longer epochs)")
+    parser.add_argument("--cold", action="store_true", help="no warm-start preparation (a fresh container's process)")
     args = parser.parse_args()
+    if not args.cold:
+        from infra.warm_start import PRELOAD, warm_up
+
+        warm_up(PRELOAD)
     n = args.data_scale
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)

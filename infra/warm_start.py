@@ -123,16 +123,25 @@ def _exit_like(code: int) -> int:
 # --- the server --------------------------------------------------------------------------------------------------
 
 
+def warm_up(modules: tuple[str, ...]) -> None:
+    """Import `modules` and run the `warm_up()` of those that have one: one-time work every run would otherwise
+    repeat (a library's lazily built tables). Like the imports, a hook may start no thread and touch no GPU."""
+    import importlib
+
+    for name in modules:
+        hook = getattr(importlib.import_module(name), "warm_up", None)
+        if callable(hook):
+            hook()
+
+
 def serve(path: str, preload: tuple[str, ...] = PRELOAD, adopt: dict[int, int] | None = None) -> None:
     """Preload, then fork one engine per launcher that connects. `adopt`: running children (pid -> launcher
     connection fd) handed over by the previous image of this server when it reloaded."""
-    import importlib
     import selectors
     import threading
 
     started = time.monotonic()
-    for module in preload:
-        importlib.import_module(module)
+    warm_up(preload)
     watched = _project_files()
     if threading.active_count() > 1:  # forking a threaded process copies locks held by threads that do not exist
         names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())

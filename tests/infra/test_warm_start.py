@@ -22,7 +22,9 @@ CHILD = """
 import json, os, signal, sys, time
 mode = sys.argv[1]
 if mode == "report":
-    print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "probe": os.environ.get("PROBE")}))
+    probe = sys.modules.get("warm_probe")  # preloaded by the server of the warm_up hook test
+    print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "probe": os.environ.get("PROBE"),
+                      "warm_up_calls": getattr(probe, "calls", None)}))
     sys.exit(int(sys.argv[2]))
 def stop(signum, frame):
     open("stopped", "w").write(str(signum))
@@ -152,3 +154,20 @@ def test_probes_and_stray_connections_do_not_disturb_the_server(workdir, server)
         stray.sendall(b"GET / HTTP/1.1\r\n\r\n")
     assert _report(_launch(workdir, sock, "report", "0"))["ppid"] == process.pid
     assert not warm_start.ready(workdir / "nobody-listens.sock")
+
+
+def test_the_server_runs_the_preloaded_modules_warm_up_hooks_once_for_every_run(workdir, tmp_path):
+    """A preloaded module's `warm_up()` (hf-image builds Transformers' conversion table there) runs once in the
+    server, and the runs it forks find its work done."""
+    (tmp_path / "warm_probe.py").write_text("calls = 0\ndef warm_up():\n    global calls\n    calls += 1\n")
+    sock = tmp_path / "hooks.sock"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "infra.warm_start", "serve", "--socket", str(sock), "--preload", "json,warm_probe"]
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_for_line(process, "listening")
+        reports = [_report(_launch(workdir, sock, "report", "0")) for _ in range(2)]
+    finally:
+        process.kill()
+        process.wait()
+    assert [r["warm_up_calls"] for r in reports] == [1, 1]
