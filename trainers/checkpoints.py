@@ -26,7 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainers.base import TrainJob
 
 log = logging.getLogger("trainers.checkpoints")
 MANIFEST = "checkpoints.json"
@@ -72,6 +75,29 @@ def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+RUN_RECORD = "trainyard.json"  # what a resume in a run directory must keep (check_or_record_run)
+_RECORDED = {"dataset_version": "dataset version", "labels": "label map", "best_metric": "checkpoint.best_metric"}
+
+
+def check_or_record_run(output_dir: Path, job: TrainJob, best_metric: str, resuming: bool) -> None:
+    """Refuse to resume a training started with another dataset version, label map or best metric (as the attempt
+    that started it recorded them in RUN_RECORD): its checkpoints, and the best so far, belong to those. Otherwise
+    (re)write the record."""
+    record = {"dataset_version": job.dataset.version, "labels": list(job.dataset.labels), "best_metric": best_metric}
+    path = Path(output_dir) / RUN_RECORD
+    if resuming and path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = [key for key, value in record.items() if key in before and before[key] != value]
+        if changed:
+            then_now = "; ".join(f"{_RECORDED[key]} {before[key]!r} then, {record[key]!r} now" for key in changed)
+            raise CheckpointError(
+                f"{output_dir} holds a training started with another {' and '.join(_RECORDED[k] for k in changed)} "
+                f"({then_now}); a resume keeps what its training started with: resume with those, or use a new "
+                "output directory"
+            )
+    write_atomic(path, lambda handle: handle.write(json.dumps(record, indent=2, ensure_ascii=False).encode()))
 
 
 def copy_atomic(source: Path, target: Path) -> None:

@@ -57,7 +57,13 @@ from typing import TYPE_CHECKING, Any
 import trainers.offline  # noqa: F401  (before Transformers: offline, no telemetry)
 from trainers.base import Trainer as BaseTrainer
 from trainers.base import TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import CheckpointError, dir_damage, signals_held, write_dir_manifest
+from trainers.checkpoints import (
+    CheckpointError,
+    check_or_record_run,
+    dir_damage,
+    signals_held,
+    write_dir_manifest,
+)
 from trainers.export import export_image_classifier
 
 if TYPE_CHECKING:
@@ -121,6 +127,15 @@ def build_model(model: str, labels: list[str], image_size: int) -> PreTrainedMod
     config.label2id = label2id
     config.problem_type = "single_label_classification"
     return AutoModelForImageClassification.from_config(config)
+
+
+def warm_up() -> None:
+    """Transformers builds its table of checkpoint weight conversions (about 1,000 compiled patterns, some 50 ms
+    on a 2-core machine) in the first `save_pretrained` of a process, the first checkpoint of a model built from a
+    config. The warm-start server (infra/warm_start.py) builds it once, for every training it forks."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    get_checkpoint_conversion_mapping("vit")
 
 
 def _load(checkpoint: Path) -> PreTrainedModel:
@@ -574,6 +589,7 @@ class HFImageTrainer(BaseTrainer):
             **_optimizer(config.optimizer),
         )
         resume = _last_complete_checkpoint(output_dir)
+        check_or_record_run(output_dir, job, best_metric, resuming=resume is not None)
         _stamp_in_step_order(output_dir)
         moved_best = _moved_best(resume, output_dir) if resume is not None else None
         progress = _progress_callback(job, steps_per_epoch, moved_best)

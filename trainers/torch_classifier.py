@@ -256,6 +256,13 @@ class TorchClassifierTrainer(Trainer):
                 f"checkpoint {path} was trained on another dataset or label map "
                 f"({state['dataset_version']}, {state['labels']}); use a new output directory or remove it"
             )
+        best_then = state["config"]["checkpoint"].get("best_metric") or DEFAULT_BEST_METRIC
+        best_now = job.config.checkpoint.best_metric or DEFAULT_BEST_METRIC
+        if best_then != best_now:  # its best.pt and best-so-far were chosen by the other metric
+            raise CheckpointError(
+                f"checkpoint {path} chose its best by checkpoint.best_metric {best_then!r}, this run asks for "
+                f"{best_now!r}: resume with {best_then!r}, or use a new output directory"
+            )
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as error:

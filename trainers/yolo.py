@@ -6,7 +6,7 @@ to the job's callbacks, keeps it offline, and keeps its MLflow integration insid
 
 Layout of `job.output_dir` (it is Ultralytics' run directory):
     dataset.yaml        the data.yaml Ultralytics reads, written from the validated DatasetSpec
-    trainyard.json      dataset version and label map, checked when a later attempt resumes here
+    trainyard.json      dataset version, label map and best metric, checked when a later attempt resumes here
     args.yaml, results.csv
     weights/last.pt     each saved epoch (Ultralytics' save_model); stripped of optimizer state when training ends
     weights/best.pt     the saved epoch of best fitness (Ultralytics); stripped when training ends. Fitness is
@@ -29,7 +29,6 @@ unsaved epochs' rows are dropped from results.csv before they are trained again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -46,7 +45,14 @@ import yaml
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
 from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import CheckpointError, copy_atomic, file_damage, record_file, write_atomic
+from trainers.checkpoints import (
+    CheckpointError,
+    check_or_record_run,
+    copy_atomic,
+    file_damage,
+    record_file,
+    write_atomic,
+)
 
 log = logging.getLogger("trainers.yolo")
 
@@ -70,7 +76,6 @@ _BOX_METRICS = {
 _FITNESS_KEYS = {name: key for key, name in _BOX_METRICS.items()}
 _INTEGRATIONS_OFF = {"sync": False, "clearml": False, "comet": False, "dvc": False, "raytune": False}
 _MLFLOW_PARAM_PREFIX = "yolo."  # Ultralytics' args, namespaced so they never collide with the caller's params
-_STATE_FILE = "trainyard.json"
 
 
 class YoloTrainer(Trainer):
@@ -84,7 +89,8 @@ class YoloTrainer(Trainer):
         _prepare_ultralytics()
         output_dir = job.output_dir.resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
-        _check_or_write_state(job, output_dir)
+        best_metric = job.config.checkpoint.best_metric or "fitness"
+        check_or_record_run(output_dir, job, best_metric, resuming=(output_dir / "weights" / "last.pt").is_file())
         data_yaml = _write_data_yaml(job, output_dir)
         weights = output_dir / "weights"
         last, best = weights / "last.pt", weights / "best.pt"
@@ -294,21 +300,6 @@ def _write_data_yaml(job: TrainJob, output_dir: Path) -> Path:
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
     return path
-
-
-def _check_or_write_state(job: TrainJob, output_dir: Path) -> None:
-    """Refuse to resume another dataset's or label map's training in this directory."""
-    state = {"dataset_version": job.dataset.version, "labels": list(job.dataset.labels)}
-    path = output_dir / _STATE_FILE
-    if (output_dir / "weights" / "last.pt").is_file() and path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        if [before.get(key) for key in state] != list(state.values()):
-            raise ValueError(
-                f"{output_dir} holds a training on another dataset or label map "
-                f"({before.get('dataset_version')}, {before.get('labels')}); "
-                "use a new output directory or remove it"
-            )
-    path.write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def _train_args(job: TrainJob, data_yaml: Path, output_dir: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pytest
 
 import trainers.offline  # noqa: F401
 from trainers.base import Callback, TrainingPaused, TrainJob, TrainResult
+from trainers.checkpoints import CheckpointError
 from trainers.config import TrainConfig
 from trainers.data.spec import DatasetSpec
 from trainers.data.synthetic import make_shapes_classification
@@ -276,6 +277,26 @@ def test_resume_continues_from_the_last_checkpoint(trained: Trained, shapes: Dat
     assert mlflow.active_run() is None
 
 
+def test_resuming_with_another_best_metric_or_dataset_is_refused_before_training(
+    trained: Trained, shapes: DatasetSpec, tmp_path: Path
+):
+    """Transformers compares a resumed run's evaluations with the best_metric value its checkpoint recorded: under
+    another metric (or on another dataset) that comparison would be meaningless."""
+    output_dir = tmp_path / "out"
+    shutil.copytree(trained.job.output_dir, output_dir)
+    before = sorted(p.name for p in output_dir.iterdir())
+    job = _job(shapes, output_dir, epochs=EPOCHS + 1, checkpoint_best_metric="val_loss")
+    with pytest.raises(CheckpointError, match="checkpoint.best_metric 'val_accuracy' then, 'val_loss' now"):
+        HFImageTrainer().train(job)
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(shapes.root, relabelled)
+    for split in ("train", "val", "test"):
+        (relabelled / split / "circle").rename(relabelled / split / "disc")
+    with pytest.raises(CheckpointError, match="another dataset version and label map"):
+        HFImageTrainer().train(_job(load_dataset(relabelled), output_dir, epochs=EPOCHS + 1))
+    assert sorted(p.name for p in output_dir.iterdir()) == before  # nothing trained, nothing written
+
+
 def test_retry_after_a_finished_run_restores_the_weights(trained: Trained, shapes: DatasetSpec, tmp_path):
     """A retry finds the final checkpoint: no step runs, and the weights come back through the resume path."""
     output_dir = tmp_path / "out"
@@ -517,7 +538,6 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_resumes_from_the_one_bef
 
 
 def test_no_usable_checkpoint_is_a_clear_error_never_a_silent_restart(shapes: DatasetSpec, tmp_path: Path):
-    from trainers.checkpoints import CheckpointError
 
     out = tmp_path / "out"
     HFImageTrainer().train(_job(shapes, out, epochs=1, every_n_epochs=1))
@@ -676,3 +696,32 @@ def test_a_minimised_best_metric_is_the_best_of_those_saved_not_a_skipped_epoch(
     state = json.loads((last / "trainer_state.json").read_text())
     assert (state["best_model_checkpoint"], state["best_metric"]) == (str(last), 0.4)
     assert result.metrics["val_loss"] == 0.4
+
+
+WARM_SAVE = """
+import sys, tempfile
+import transformers.conversion_mapping as conversion
+from trainers import hf_image
+if sys.argv[1] == "warm":
+    hf_image.warm_up()
+def refuse():
+    raise SystemExit("the first save built Transformers' conversion table")
+conversion._build_checkpoint_conversion_mapping = refuse
+hf_image.build_model("vit-tiny", ["a", "b"], 32).save_pretrained(tempfile.mkdtemp())
+"""
+
+
+@pytest.mark.parametrize("process", ["warm", "cold"])
+def test_a_process_warmed_up_like_the_warm_start_server_saves_without_building_transformers_table(process):
+    """What the warm-start server (infra/warm_start.py) saves every training it forks: the hook builds the table
+    that a cold process builds inside its first checkpoint (the cold case shows the test can tell)."""
+    import subprocess
+    import sys
+
+    from infra.settings import ROOT
+
+    done = subprocess.run([sys.executable, "-c", WARM_SAVE, process], cwd=ROOT, capture_output=True, text=True)
+    if process == "warm":
+        assert done.returncode == 0, done.stderr[-2000:]
+    else:
+        assert done.returncode == 1 and "built Transformers' conversion table" in done.stderr

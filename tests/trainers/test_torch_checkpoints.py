@@ -126,7 +126,7 @@ def test_no_usable_checkpoint_is_a_clear_error_never_a_silent_restart(dataset, u
     assert "remove the directory" in failed.stderr
 
 
-def test_a_checkpoint_of_another_model_or_label_map_is_refused_by_name(dataset, uninterrupted, tmp_path):
+def test_a_checkpoint_of_another_model_label_map_or_best_metric_is_refused_by_name(dataset, uninterrupted, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     other_model = TrainConfig(dataset=str(dataset), trainer="torch", model="mobilenet_v3_small", epochs=EPOCHS + 1)
@@ -140,6 +140,12 @@ def test_a_checkpoint_of_another_model_or_label_map_is_refused_by_name(dataset, 
     config = TrainConfig(dataset=str(relabelled), trainer="torch", model="tiny-cnn", epochs=EPOCHS)
     with pytest.raises(CheckpointError, match="another dataset or label map"):
         TorchClassifierTrainer().train(TrainJob(config, load_dataset(relabelled), out))
+
+    other_best = TrainConfig(
+        dataset=str(dataset), trainer="torch", model="tiny-cnn", epochs=EPOCHS, checkpoint={"best_metric": "val_loss"}
+    )
+    with pytest.raises(CheckpointError, match="best_metric 'val_accuracy', this run asks for 'val_loss'"):
+        TorchClassifierTrainer().train(TrainJob(other_best, load_dataset(dataset), out))
 
 
 def test_retention_keeps_the_newest_checkpoints_and_the_best(uninterrupted):

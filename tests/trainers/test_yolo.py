@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from trainers.base import Callback, TrainingPaused, TrainJob, TrainResult
+from trainers.checkpoints import CheckpointError
 from trainers.config import TrainConfig
 from trainers.data.synthetic import make_shapes_detection
 from trainers.data.validate import load_dataset
@@ -395,7 +396,17 @@ def test_resuming_on_another_dataset_is_refused(trained, tmp_path_factory, tmp_p
     other_yaml = make_shapes_detection(root, classes=("a", "b"), train_images=4, val_images=2, image_size=64)
     output_dir = _copy_run(trained, tmp_path)
     job, _ = make_job(load_dataset(other_yaml), other_yaml, output_dir)
-    with pytest.raises(ValueError, match="another dataset"):
+    with pytest.raises(CheckpointError, match="another dataset version and label map"):
+        YoloTrainer().train(job)
+
+
+def test_resuming_with_another_best_metric_is_refused(trained, dataset, tmp_path):
+    """best.pt and Ultralytics' best_fitness were chosen by the metric the training started with."""
+    from trainers.yolo import YoloTrainer
+
+    spec, data_yaml = dataset
+    job, _ = make_job(spec, data_yaml, _copy_run(trained, tmp_path), best_metric="map50")
+    with pytest.raises(CheckpointError, match="checkpoint.best_metric 'fitness' then, 'map50' now"):
         YoloTrainer().train(job)
 
 
@@ -447,7 +458,6 @@ def test_a_last_pt_truncated_by_a_kill_falls_back_to_the_newest_verified_copy(tr
 
 
 def test_damaged_copies_too_are_a_clear_error_never_a_silent_restart(trained, dataset, tmp_path):
-    from trainers.checkpoints import CheckpointError
     from trainers.yolo import YoloTrainer
 
     spec, data_yaml = dataset
