@@ -11,9 +11,10 @@ time is reading the final resumable checkpoint back.
 
     python bench/checkpoint.py [--trainers torch,hf-image,yolo] [--epochs-scale 1.0] [--data-scale 1] [--cold]
 
-The process is first prepared as the warm-start server prepares the one it forks each training on a process
-worker from (infra/warm_start.py: the same imports and `warm_up()` hooks). --cold skips that, as in a container
-that starts one training: hf-image's first checkpoint then also builds Transformers' weight-conversion table.
+Each trainer trains in a process forked from this one, which is first prepared as the warm-start server prepares
+the process it forks every training on a process worker from (infra/warm_start.py: the same imports and `warm_up()`
+hooks). --cold skips that preparation, as in a container that starts one training: hf-image's first checkpoint
+then also builds Transformers' weight-conversion table.
 
 --data-scale N generates N times the demo's images: each epoch takes about N times longer while a checkpoint costs
 the same, which shows the share for epochs longer than the demo's very short ones (0.4 s for hf-image).
@@ -25,9 +26,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import safetensors.torch
@@ -137,6 +140,29 @@ def measure(trainer: str, data: Path, scale: float) -> dict[str, float]:
     }
 
 
+def in_forked_child(function, *args) -> dict[str, float]:
+    """`function(*args)` in a child forked from this process, as warm start runs a training; its result back."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the libraries' progress bars
+                result = function(*args)
+            os.write(write_end, json.dumps(result).encode())
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        received = reader.read()
+    _, status = os.waitpid(pid, 0)
+    if not received:
+        raise RuntimeError(f"the measuring child failed (wait status {status}); see its error above")
+    return json.loads(received)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trainers", default=",".join(DEMOS))
@@ -155,8 +181,7 @@ def main() -> None:
         make_shapes_detection(data / "shapes-det", train_images=64 * n, val_images=16 * n)
         shares = []
         for trainer in args.trainers.split(","):
-            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the libraries' progress bars
-                figures = measure(trainer, data, args.epochs_scale)
+            figures = in_forked_child(measure, trainer, data, args.epochs_scale)
             shares.append(figures["share_pct"])
             print(
                 f"{trainer}: {figures['epochs']} epochs in {figures['wall_s']:.1f} s, {figures['checkpoints']} "
