@@ -577,3 +577,38 @@ def test_results_csv_reads_as_ultralytics_reads_it(trained):
     assert ours == theirs and len(ours["epoch"]) == EPOCHS
     assert {name: type(values[0]) for name, values in ours.items()} == {n: type(v[0]) for n, v in theirs.items()}
     assert read_results_csv(path.with_name("missing.csv")) == {}
+
+
+# Validation numbers per epoch, scripted over the real validator's (a 3-epoch CPU training scores 0 everywhere):
+# mAP50 is best at epoch 1, Ultralytics' fitness at epoch 2.
+SCRIPTED = {
+    1: {"metrics/mAP50(B)": 0.9, "metrics/mAP50-95(B)": 0.1, "fitness": 0.1},
+    2: {"metrics/mAP50(B)": 0.2, "metrics/mAP50-95(B)": 0.5, "fitness": 0.5},
+    3: {"metrics/mAP50(B)": 0.3, "metrics/mAP50-95(B)": 0.3, "fitness": 0.3},
+}
+
+
+@pytest.mark.parametrize(("best_metric", "best_epoch"), [("map50", 1), (None, 2)])
+def test_the_best_epoch_is_the_one_the_chosen_metric_ranks_first(
+    dataset, tmp_path, monkeypatch, best_metric, best_epoch
+):
+    from ultralytics.engine.validator import BaseValidator
+
+    from trainers.yolo import YoloTrainer, _load_ckpt
+
+    validate = BaseValidator.__call__
+
+    def scripted(self, trainer=None, model=None, **kwargs):
+        metrics = validate(self, trainer=trainer, model=model, **kwargs)
+        if trainer is not None:  # during training; Ultralytics' final validation of best.pt is left as it is
+            metrics = {**metrics, **SCRIPTED[trainer.epoch + 1]}
+        return metrics
+
+    monkeypatch.setattr(BaseValidator, "__call__", scripted)
+    spec, data_yaml = dataset
+    YoloTrainer().train(make_job(spec, data_yaml, tmp_path / "job", best_metric=best_metric)[0])
+    weights = tmp_path / "job" / "weights"
+    chosen = SCRIPTED[best_epoch]
+    assert _load_ckpt(weights / "best.pt")["train_metrics"]["metrics/mAP50(B)"] == chosen["metrics/mAP50(B)"]
+    wanted = chosen["metrics/mAP50(B)"] if best_metric == "map50" else chosen["fitness"]
+    assert _load_ckpt(weights / f"epoch{EPOCHS}.pt")["best_fitness"] == pytest.approx(wanted)
