@@ -75,6 +75,7 @@ _BOX_METRICS = {
 }
 # checkpoint.best_metric -> Ultralytics' validation key that becomes the fitness ("fitness": Ultralytics' own).
 _FITNESS_KEYS = {name: key for key, name in _BOX_METRICS.items()}
+DEFAULT_BEST_METRIC = "fitness"  # Ultralytics' own fitness (the registry's first best_metrics choice)
 _INTEGRATIONS_OFF = {"sync": False, "clearml": False, "comet": False, "dvc": False, "raytune": False}
 _MLFLOW_PARAM_PREFIX = "yolo."  # Ultralytics' args, namespaced so they never collide with the caller's params
 
@@ -90,7 +91,7 @@ class YoloTrainer(Trainer):
         _prepare_ultralytics()
         output_dir = job.output_dir.resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
-        best_metric = job.config.checkpoint.best_metric or "fitness"
+        best_metric = job.config.checkpoint.best_metric or DEFAULT_BEST_METRIC
         check_or_record_run(output_dir, job, best_metric, resuming=(output_dir / "weights" / "last.pt").is_file())
         data_yaml = _write_data_yaml(job, output_dir)
         weights = output_dir / "weights"

@@ -538,7 +538,6 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_resumes_from_the_one_bef
 
 
 def test_no_usable_checkpoint_is_a_clear_error_never_a_silent_restart(shapes: DatasetSpec, tmp_path: Path):
-
     out = tmp_path / "out"
     HFImageTrainer().train(_job(shapes, out, epochs=1, every_n_epochs=1))
     for checkpoint in out.glob("checkpoint-*"):
