@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ from typing import get_args
 
 import yaml
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from infra.settings import ROOT
 from infra.store import Attempt, ComputeProfile, ProfileKind, Store, store_url
@@ -78,6 +79,8 @@ def _check_field(profile: str, field: str, value: object) -> object:
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad("a number")
+        if not math.isfinite(value):  # nan passes every comparison below, inf breaks cost estimates
+            raise bad("a finite number")
         value = float(value)
     elif kind == "bool":
         if not isinstance(value, bool):
@@ -175,7 +178,10 @@ def load_seed(path: str | os.PathLike) -> list[ComputeProfile]:
     except OSError as error:
         raise ProfileError(f"cannot read the profile seed {path}: {error.strerror or error}") from None
     except yaml.YAMLError as error:
-        raise ProfileError(f"the profile seed {path} is not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ProfileError(f"the profile seed {path} is not valid YAML{where}: {problem}; fix it there") from None
     entries = document.get("profiles") if isinstance(document, dict) else None
     if not isinstance(entries, dict):
         raise ProfileError(f"the profile seed {path} must have a 'profiles:' mapping of name -> fields")
@@ -374,6 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(args, store)
     except ProfileError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ArgumentError as error:  # the URL itself: unparsable, or a database SQLAlchemy has no driver for
+        print(
+            f"error: the platform store URL {_shown(url or store_url())} cannot be used "
+            f"({str(error).splitlines()[0]}); give --url or TRAINYARD_STORE_URL as sqlite:///<file> or "
+            "postgresql+psycopg://user@host/db",
+            file=sys.stderr,
+        )
         return 2
     except SQLAlchemyError as error:
         print(

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from infra.storage import s3_uri_problem
+
 ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS_BLOCK = "trainyard-results"  # the prefect-aws S3Bucket block every flow run persists its results to
@@ -70,6 +72,11 @@ class Database:
             )
         if not parsed.host:
             raise SettingsError(f"TRAINYARD_DATABASE_URL has no host: {shown}; write postgresql://user@host:5432/db")
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise SettingsError(
+                f"TRAINYARD_DATABASE_URL has port {parsed.port}, not a TCP port (1 to 65535): {shown}; PostgreSQL "
+                "listens on 5432 unless its server says otherwise"
+            )
         if parsed.query:
             raise SettingsError(
                 f"TRAINYARD_DATABASE_URL takes no query parameters ({shown}): give TLS and other connection options "
@@ -122,13 +129,16 @@ class ArtifactStore:
         parsed = urlparse(uri)
         if parsed.scheme in ("", "file"):
             return None
-        if parsed.scheme != "s3" or not parsed.netloc or parsed.query or "@" in parsed.netloc:
-            raise SettingsError(
-                f"TRAINYARD_ARTIFACT_STORE must be s3://bucket/prefix or a local directory, not {parsed.scheme}://..."
+        if parsed.scheme != "s3" or not uri.startswith("s3://") or parsed.query or "@" in parsed.netloc:
+            raise SettingsError(  # the value itself is not shown: a URI with '@' may hold credentials
+                "TRAINYARD_ARTIFACT_STORE must be s3://bucket/prefix (no credentials, no '?' part) or a local "
+                f"directory, not this {parsed.scheme}: URI"
             )
         prefix = parsed.path.strip("/")
         if ".." in prefix.split("/"):
             raise SettingsError("TRAINYARD_ARTIFACT_STORE: a prefix cannot contain '..'")
+        if problem := s3_uri_problem(f"s3://{parsed.netloc}"):
+            raise SettingsError(f"TRAINYARD_ARTIFACT_STORE={uri!r}: {problem}; write s3://bucket/prefix")
         return cls(parsed.netloc, prefix)
 
     def uri(self, *parts: str) -> str:
@@ -163,6 +173,32 @@ def mlflow_artifact_mode(value: str, artifact_store: ArtifactStore | None) -> st
     return mode
 
 
+def tcp_port(env: Mapping[str, str], name: str, default: int) -> int:
+    """A TCP port from the environment; unset or empty means the default."""
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
+        raise SettingsError(
+            f"{name}={text!r} is not a TCP port; write a number from 1 to 65535, or unset it for {default}"
+        )
+    return int(text)
+
+
+def check_store_url(url: str) -> None:
+    """TRAINYARD_STORE_URL must be a SQLAlchemy URL; the platform store (infra/store.py) connects with it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        raise SettingsError(  # the value is not shown: it may hold a password
+            "TRAINYARD_STORE_URL is not a database URL; write sqlite:///<file> or postgresql+psycopg://user@host/db "
+            "(a password percent-encoded), or unset it for SQLite in TRAINYARD_HOME"
+        ) from None
+
+
 def s3_endpoint_url() -> str | None:
     """The S3 endpoint, as infra.storage reads it (None: AWS itself)."""
     env = os.environ
@@ -189,18 +225,28 @@ class Settings:
         env = os.environ if env is None else env
         database_url = env.get("TRAINYARD_DATABASE_URL", "").strip()
         artifact_store = ArtifactStore.parse(env.get("TRAINYARD_ARTIFACT_STORE", "").strip())
+        own_store_url = env.get("TRAINYARD_STORE_URL", "").strip()
+        if own_store_url:
+            check_store_url(own_store_url)
+        prefect_port = tcp_port(env, "TRAINYARD_PREFECT_PORT", 4200)
+        mlflow_port = tcp_port(env, "TRAINYARD_MLFLOW_PORT", 5000)
+        if prefect_port == mlflow_port:
+            raise SettingsError(
+                f"TRAINYARD_PREFECT_PORT and TRAINYARD_MLFLOW_PORT are both {prefect_port}; the Prefect and MLflow "
+                "servers each need a port of their own (defaults 4200 and 5000)"
+            )
         return cls(
-            home=Path(env.get("TRAINYARD_HOME", ROOT / ".trainyard")).resolve(),
+            home=Path(env.get("TRAINYARD_HOME") or ROOT / ".trainyard").resolve(),  # empty is unset, not "here"
             host=env.get("TRAINYARD_HOST", "127.0.0.1"),
-            prefect_port=int(env.get("TRAINYARD_PREFECT_PORT", "4200")),
-            mlflow_port=int(env.get("TRAINYARD_MLFLOW_PORT", "5000")),
+            prefect_port=prefect_port,
+            mlflow_port=mlflow_port,
             work_pool=env.get("TRAINYARD_WORK_POOL", "trainyard-local"),
             bind_host=env.get("TRAINYARD_BIND_HOST") or None,
             database=Database.parse(database_url) if database_url else None,
             artifact_store=artifact_store,
             mlflow_artifacts=mlflow_artifact_mode(env.get("TRAINYARD_MLFLOW_ARTIFACTS", ""), artifact_store),
             credentials_block=env.get("TRAINYARD_S3_CREDENTIALS_BLOCK") or None,
-            own_store_url=bool(env.get("TRAINYARD_STORE_URL")),
+            own_store_url=bool(own_store_url),
         )
 
     @property

@@ -98,7 +98,12 @@ class TrainConfig(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_exists(cls, value: str) -> str:
-        if "://" in value:  # a remote dataset: its shape now, its existence when it is synced (no network here)
+        if not value.strip():
+            raise ValueError(
+                "dataset is empty; give an ImageFolder directory, a YOLO data.yaml or s3://bucket/prefix "
+                "(run `make datasets` for the generated demo datasets)"
+            )
+        if "://" in value or value[:3].lower() == "s3:":  # remote: its shape now, its existence when it is synced
             if problem := s3_uri_problem(value):
                 raise ValueError(
                     f"dataset {value!r} is not a dataset URI Trainyard can sync: {problem}. Write s3://bucket/prefix "

@@ -84,39 +84,6 @@ def test_attempts_table(cli, url):
     assert "req-2" in out and "req-1" not in out and "no-worker" in out
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["show", "nope"], "unknown profile 'nope'"),
-        (["remove", "nope"], "unknown profile 'nope'"),
-        (["set", "nope", "speed=2"], "unknown profile 'nope'"),
-        (["set", "local", "gpus=2"], "profile 'local': unknown field 'gpus'"),
-        (["set", "local", "speed=fast"], "profile 'local': field 'speed' must be a number, got 'fast'"),
-        (["set", "local", "max_concurrent=0"], "field 'max_concurrent' must be at least 1"),
-        (["set", "local", "enabled=maybe"], "field 'enabled' must be true or false"),
-        (["set", "local", "kind=lambda"], "field 'kind' must be one of process, docker, kubernetes, ecs"),
-        (["set", "local", "credential_blocks=nodash"], "field 'credential_blocks'"),
-        (["set", "local", "name=other"], "field 'name' cannot be set"),
-        (["set", "local", "speed"], "expected field=value"),
-        (["add", "local", "--kind", "process", "--work-pool", "p"], "profile 'local' already exists"),
-        (["add", "new", "--kind", "process", "--work-pool", "p", "--gpu-count", "x"], "field 'gpu_count'"),
-        (["seed", "--file", "/nonexistent/profiles.yaml"], "cannot read the profile seed"),
-        (["frobnicate"], "invalid choice"),
-        (["add", "new", "--kind", "process"], "--work-pool"),
-    ],
-)
-def test_errors_exit_2_with_a_clear_message(cli, argv, message):
-    cli("seed")
-    code, _, err = cli(*argv)
-    assert code == 2 and message in err and "Traceback" not in err
-
-
-def test_an_unreachable_store_is_one_line_not_a_traceback(capsys):
-    code = main(["--url", "postgresql+psycopg://postgres:secret@127.0.0.1:1/none?connect_timeout=2", "list"])
-    err = capsys.readouterr().err
-    assert code == 1 and "the platform store at" in err and "secret" not in err and "Traceback" not in err
-
-
 def test_seed_if_empty_keeps_a_deleted_profile_deleted(tmp_path, capsys):
     from infra.profiles import main
 

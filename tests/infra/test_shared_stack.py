@@ -27,7 +27,7 @@ import pytest
 from s3_server import ACCESS_KEY, SECRET_KEY, free_port, start_moto, stop
 
 from infra import stack as trainyard_stack
-from infra.settings import ROOT, ArtifactStore, Database, Settings, SettingsError
+from infra.settings import ROOT, ArtifactStore, Database, Settings
 
 ADMIN_URL = os.environ.get("TRAINYARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
 # The server here trusts local connections and ignores it; it is in the URL so the tests can look for leaks
@@ -266,29 +266,11 @@ def test_the_database_url_gives_three_databases_and_never_shows_its_password():
     assert Database.parse("postgresql://db.internal").name == "trainyard"
 
 
-@pytest.mark.parametrize(
-    ("url", "says"),
-    [
-        (f"mysql://root:{PG_PASSWORD}@db/ml", "must name a PostgreSQL server"),
-        (f"postgresql://root:{PG_PASSWORD}@/ml", "has no host"),
-        (f"postgresql://root:{PG_PASSWORD}@db/ml?sslmode=require", "PGSSLMODE"),
-        (f"postgresql://root:{PG_PASSWORD}@db/ML-Runs", "lowercase letters"),
-        ("not a url", "not a database URL"),
-    ],
-)
-def test_a_bad_database_url_is_refused_with_the_fix_and_without_the_password(url, says):
-    with pytest.raises(SettingsError, match=says) as error:
-        Database.parse(url)
-    assert PG_PASSWORD not in str(error.value)
-
-
 def test_the_artifact_store_is_s3_or_local():
     store = ArtifactStore.parse("s3://ml-artifacts/team-a/")
     assert store.mlflow_destination == "s3://ml-artifacts/team-a/mlflow"
     assert store.results_folder == "team-a/prefect-results"
     assert ArtifactStore.parse("/data/models") is None and ArtifactStore.parse("file:///data/models") is None
-    with pytest.raises(SettingsError, match="s3://bucket/prefix"):
-        ArtifactStore.parse("gs://bucket/x")
 
 
 # --- Errors before anything starts ---------------------------------------------------------------------------

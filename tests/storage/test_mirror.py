@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from infra.storage import StorageError, s3_uri_problem, storage_for
+from infra.storage import StorageError, storage_for
 from infra.storage.mirror import RunMirror
 from trainers.checkpoints import CheckpointStore
 
@@ -185,22 +185,3 @@ def test_delete_removes_an_object_and_a_missing_one_is_fine(s3, bucket, tmp_path
     storage.delete("f")
     storage.delete("f")
     assert keys(s3, bucket, "d/") == set()
-
-
-@pytest.mark.parametrize(
-    ("uri", "problem"),
-    [
-        ("s3://ml-data/shapes", None),
-        ("s3://ml-data", None),
-        ("s3://ML-data/x", "is not an S3 bucket name"),
-        ("s3://ab/x", "is not an S3 bucket name"),
-        ("s3://a..b/x", "is not an S3 bucket name"),
-        ("s3://10.0.0.1/x", "is not an S3 bucket name"),
-        ("s3://ml-data//x", "empty, '.' or '..' segment"),
-        ("s3://ml-data/a/../b", "empty, '.' or '..' segment"),
-        ("gs://ml-data/x", "only s3:// URIs are synced, not gs://"),
-    ],
-)
-def test_s3_uri_shape(uri, problem):
-    found = s3_uri_problem(uri)
-    assert found is None if problem is None else problem in found

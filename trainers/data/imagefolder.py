@@ -1,4 +1,4 @@
-"""The ImageFolder layout: root/{train,val[,test]}/<class>/**/<image>; labels: the sorted class folders."""
+"""The ImageFolder layout: root/{train,val[,test]}/<class>/**/<image>; labels: the sorted class folders (2 or more)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def scan_imagefolder(root: Path) -> Scan:
             )
     classes = {split: _scan_split(scan, split, directory) for split, directory in scan.splits.items()}
     scan.defects.extend(_class_mismatches(classes))
+    scan.defects.extend(_too_few_classes(classes))
     scan.labels = sorted({name for per_class in classes.values() for name in per_class})
     scan.stats = {
         split: {name: len(images) for name, images in per_class.items()} for split, per_class in classes.items()
@@ -95,6 +96,21 @@ def _class_mismatches(classes: dict[str, dict[str, list[Path]]]) -> list[str]:
                     f"with images or remove the class from {keepers}"
                 )
     return defects
+
+
+def _too_few_classes(classes: dict[str, dict[str, list[Path]]]) -> list[str]:
+    """A classifier tells classes apart: it needs at least two class folders that hold images."""
+    if not any(classes.values()):
+        return []  # no class folders at all: reported per split
+    holding = sorted({name for per_class in classes.values() for name, images in per_class.items() if images})
+    if len(holding) >= 2:
+        return []
+    splits = ", ".join(f"{split}/" for split in classes)
+    found = f"one class only ({holding[0]!r})" if holding else "no class folder holds images"
+    return [
+        f"{splits}: {found}; a classifier needs at least two classes, i.e. two class folders with images in each "
+        "split; add a folder of images for another class to every split (train/<class>/, val/<class>/)"
+    ]
 
 
 def _loose(name: str) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from trainers.data.scan import relative
 
@@ -43,21 +43,30 @@ def inspect_image(path: Path, root: Path) -> tuple[str | None, bytes | None]:
     name = relative(path, root)
     try:
         size = path.stat().st_size
-        if size == 0:
-            return f"{name}: empty file (0 bytes); re-export the image or remove it", None
-        if size > _IN_MEMORY_LIMIT:
-            with Image.open(path) as image:
-                image.load()
-            return None, None
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
+        data = path.read_bytes() if 0 < size <= _IN_MEMORY_LIMIT else None
+    except OSError as exc:  # a broken link, no permission, an I/O error: the file itself, not its contents
+        return (
+            f"{name}: cannot be read ({exc.strerror or type(exc).__name__}); fix the file or its permissions "
+            "(a link must point at an image), or remove it",
+            None,
+        )
+    if size == 0:
+        return f"{name}: empty file (0 bytes); re-export the image or remove it", None
+    try:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: catches truncated and corrupt files that open() alone accepts
-        return None, hashlib.sha256(data).digest()
+    except UnidentifiedImageError:  # its text names an in-memory buffer, not the file
+        return (
+            f"{name}: cannot be decoded as an image (its bytes are in no image format Pillow reads); re-export it "
+            "or remove it",
+            None,
+        )
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...) for bad files
         return (
             f"{name}: cannot be decoded as an image ({type(exc).__name__}: {exc}); re-export it or remove it",
             None,
         )
+    return None, None if data is None else hashlib.sha256(data).digest()
 
 
 def inspect_images(paths: Sequence[Path], root: Path) -> tuple[list[str], dict[Path, bytes]]:

@@ -79,7 +79,13 @@ def _root(data_yaml: Path, config: dict[str, Any]) -> Path:
     raw = config.get("path")
     root = data_yaml.parent if raw in (None, "") else (data_yaml.parent / Path(str(raw)).expanduser()).resolve()
     if not root.is_dir():
-        raise DatasetError(root, [f"{data_yaml.name}: path: {raw!r} is not a directory (resolved to {root})"])
+        raise DatasetError(
+            data_yaml.parent,
+            [
+                f"{data_yaml.name}: path: {raw!r} is not a directory (resolved to {root}); point it at the dataset "
+                f"folder, absolute or relative to {data_yaml.name}'s folder, or remove it to use that folder"
+            ],
+        )
     return root
 
 
@@ -97,6 +103,8 @@ def _names(data_yaml: Path, config: dict[str, Any]) -> list[str]:
             defects.append(f"names: class ids must be the integers 0..{len(ids) - 1} with no gaps, got {ids}")
     else:
         defects.append(f"names: must be a list or a mapping {{0: name, ...}}, got {type(raw).__name__}")
+    if not names and not defects:
+        defects.append("names: lists no class; name every class the labels use (e.g. names: [person, car])")
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             defects.append(f"names[{i}]: {name!r} is not a class name; quote it in data.yaml (e.g. '{name}')")
@@ -181,7 +189,9 @@ def _read_label_file(scan: Scan, label: Path) -> tuple[list[int], bool]:
     try:
         text = label.read_text(encoding="utf-8-sig")  # universal newlines: CRLF and CR files read as LF
     except (OSError, UnicodeDecodeError) as exc:
-        scan.defects.append(f"{name}: cannot be read as UTF-8 text ({type(exc).__name__}: {exc})")
+        scan.defects.append(
+            f"{name}: cannot be read as UTF-8 text ({type(exc).__name__}: {exc}); save it as UTF-8 (or ASCII) text"
+        )
         return [], True
     classes: list[int] = []
     has_rows = False
