@@ -75,8 +75,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_session_cluster = None  # pg_cluster.SessionCluster: the PostgreSQL the session's stack runs on, if any
+
+
+def _session_database(home: Path) -> str | None:
+    """TRAINYARD_DATABASE_URL of a throwaway PostgreSQL cluster started for this session, or None: SQLite.
+
+    PostgreSQL by default: on SQLite, Prefect's server stalls up to a minute on its database lock when several
+    workers and flow runs write at once ("database is locked"), enough to fail the tests that time a fallback.
+    TRAINYARD_TEST_DATABASE=sqlite keeps SQLite; =postgresql insists on PostgreSQL; unset, a machine without
+    PostgreSQL's server programs falls back to SQLite and says so."""
+    global _session_cluster
+    from pg_cluster import SessionCluster, missing_programs
+
+    wanted = os.environ.get("TRAINYARD_TEST_DATABASE", "").strip().lower()
+    if wanted not in ("", "postgresql", "sqlite"):
+        raise pytest.UsageError(f"TRAINYARD_TEST_DATABASE={wanted!r}: write postgresql or sqlite (unset: postgresql)")
+    if wanted == "sqlite":
+        print("trainyard tests: the stack runs on SQLite (TRAINYARD_TEST_DATABASE=sqlite)")
+        return None
+    if missing := missing_programs():
+        if wanted == "postgresql":
+            raise pytest.UsageError(f"TRAINYARD_TEST_DATABASE=postgresql, but this machine lacks: {', '.join(missing)}")
+        print(f"trainyard tests: the stack runs on SQLite, PostgreSQL's server programs are missing ({missing[0]})")
+        return None
+    for attempt in (1, 2):  # the free port may be taken before the server binds it
+        try:
+            _session_cluster = SessionCluster(_free_port(), keep_log=home / "logs" / "postgresql.log")
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
+    return _session_cluster.database_url()
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    import os
     import tempfile
 
     home = Path(tempfile.mkdtemp(prefix="trainyard-test-"))
@@ -86,14 +119,26 @@ def pytest_configure(config: pytest.Config) -> None:
         TRAINYARD_MLFLOW_PORT=str(_free_port()),
         YOLO_CONFIG_DIR=str(home / "ultralytics"),
     )
+    # The session's stack is its own: never a database or store from the shell that runs the tests.
+    for name in ("TRAINYARD_DATABASE_URL", "TRAINYARD_STORE_URL"):
+        os.environ.pop(name, None)
+    database_url = _session_database(home)
+    if database_url:
+        os.environ["TRAINYARD_DATABASE_URL"] = database_url
     from infra.settings import Settings
 
     os.environ.update(Settings.from_env().client_env())
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _session_cluster is not None:  # after the session's fixtures: the stack is down by now
+        _session_cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def stack():
-    """A real Prefect server and MLflow tracking server (SQLite) on free ports, for the whole session."""
+    """A real Prefect server and MLflow tracking server on free ports, for the whole session: on the session's
+    PostgreSQL cluster (TRAINYARD_DATABASE_URL; the platform store too), or SQLite where there is none."""
     from infra import stack as local_stack
     from infra.settings import Settings
 

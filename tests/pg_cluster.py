@@ -1,12 +1,14 @@
-"""A throwaway PostgreSQL cluster for tests that need one of their own: passwords, or listening on another address.
+"""Throwaway PostgreSQL clusters: the one the test session's stack runs on (tests/conftest.py, SessionCluster),
+and those of tests that need one of their own: passwords, or listening on another address.
 
-`initdb` and `pg_ctl` from PG_BIN (TRAINYARD_TEST_PG_BIN, default Debian's /usr/lib/postgresql/15/bin), run as the
-`postgres` OS user when the tests run as root (PostgreSQL refuses root). The cluster lives in a temporary folder and
-is stopped and deleted on the way out, whatever happened.
+`initdb` and `pg_ctl` from PG_BIN (TRAINYARD_TEST_PG_BIN, default the newest of Debian's /usr/lib/postgresql/*/bin),
+run as the `postgres` OS user when the tests run as root (PostgreSQL refuses root). A cluster lives in a temporary
+folder and is stopped and deleted on the way out, whatever happened.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -14,13 +16,28 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-PG_BIN = Path(os.environ.get("TRAINYARD_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _newest_debian_bin() -> Path:
+    """/usr/lib/postgresql/<newest major>/bin with an initdb in it (what `apt-get install postgresql` gives on this
+    Debian release), else the 15 of bookworm, for the message of missing_programs()."""
+
+    def version(initdb: Path) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) for part in initdb.parent.parent.name.split("."))
+        except ValueError:
+            return ()
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=version)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = Path(os.environ.get("TRAINYARD_TEST_PG_BIN") or _newest_debian_bin())
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -54,10 +71,18 @@ def run_as_postgres(*argv: str, timeout: float = 120) -> subprocess.CompletedPro
 
 @contextmanager
 def throwaway_cluster(
-    port: int, *, listen: str = "127.0.0.1", superuser_password: str | None = None, hba: str = ""
+    port: int,
+    *,
+    listen: str = "127.0.0.1",
+    superuser_password: str | None = None,
+    hba: str = "",
+    settings: dict[str, str] | None = None,
+    keep_log: Path | None = None,
 ) -> Iterator[RunningCluster]:
     """initdb, append `hba` to pg_hba.conf, start on listen:port. With a superuser password every connection must
-    give a password (scram-sha-256); without one, the cluster trusts what pg_hba.conf lets in."""
+    give a password (scram-sha-256); without one, the cluster trusts what pg_hba.conf lets in. `settings`: more
+    server settings (-c name=value); `keep_log`: where the server's log is copied before the cluster is deleted.
+    No durability: fsync, full-page writes and synchronous commit are off (a crash loses a test's data, no more)."""
     root = Path(tempfile.mkdtemp(prefix="ty-pg-"))  # short: the socket path must stay under 108 bytes
     data, sockets, log, pwfile = root / "data", root / "sock", root / "server.log", root / "pwfile"
     try:
@@ -77,13 +102,39 @@ def throwaway_cluster(
             with open(data / "pg_hba.conf", "a") as conf:
                 conf.write(hba.rstrip() + "\n")
         options = f"-p {port} -k {sockets} -c listen_addresses={listen} -c fsync=off -c full_page_writes=off"
+        options += " -c synchronous_commit=off" + "".join(f" -c {k}={v}" for k, v in (settings or {}).items())
         pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"]
         done = run_as_postgres(*pg_ctl)
         assert done.returncode == 0, f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{tail(log)}"
         yield RunningCluster(listen, port, root)
     finally:
         stop_cluster(data)
+        if keep_log is not None and log.exists():
+            with suppress(OSError):
+                keep_log.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, keep_log)
         shutil.rmtree(root, ignore_errors=True)
+
+
+class SessionCluster:
+    """One cluster for a whole test session, started outside any fixture (pytest_configure: before anything imports
+    Prefect or MLflow) and stopped by stop(): from pytest_unconfigure, or at exit if the session ends another way.
+    It trusts connections on 127.0.0.1 (no password) and gives a TRAINYARD_DATABASE_URL for its superuser."""
+
+    def __init__(self, port: int, *, keep_log: Path | None = None) -> None:
+        self._exit = ExitStack()
+        # Prefect's server, MLflow's and each worker's store keep pools of connections: more than the default 100.
+        settings = {"max_connections": "300"}
+        self.running = self._exit.enter_context(throwaway_cluster(port, settings=settings, keep_log=keep_log))
+        atexit.register(self.stop)
+
+    def database_url(self, name: str = "trainyard") -> str:
+        return f"postgresql://postgres@{self.running.host}:{self.running.port}/{name}"
+
+    def stop(self) -> None:
+        """Stop and delete the cluster; again is a no-op."""
+        atexit.unregister(self.stop)
+        self._exit.close()
 
 
 def stop_cluster(data: Path) -> None:

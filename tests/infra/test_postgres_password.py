@@ -7,8 +7,8 @@ password full of characters a URL must percent-encode. Then: `python -m infra.st
 right password runs Prefect, MLflow and the platform store on that cluster; a wrong, missing or unquoted password
 stops `up` at once with the fix; the password shows in no log, command line, env file or `env` output. The cluster
 is stopped and deleted at the end of the module. Without the PostgreSQL binaries (TRAINYARD_TEST_PG_BIN, default
-/usr/lib/postgresql/15/bin) or, as root, without runuser and a `postgres` user, the module skips and says what is
-missing.
+the newest /usr/lib/postgresql/*/bin) or, as root, without runuser and a `postgres` user, the module skips and says
+what is missing.
 """
 
 from __future__ import annotations
