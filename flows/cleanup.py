@@ -32,6 +32,7 @@ from pydantic import Field
 from flows.monitor import PAGE, flow_runs_by_id, newest_log, paged
 from infra.allocation import PREFIX, Holder, read_holders
 from infra.automations import ZOMBIE_AFTER, ensure_zombie_automation
+from infra.fencing import holder_may_live
 from infra.monitoring import orphaned_slots, plan_pruning, prune, zombie_reason
 from infra.settings import Settings
 
@@ -181,12 +182,18 @@ def _ended(ids: list[str]) -> set[str]:
 
 
 def _split_records(client, holders: list[Holder]) -> tuple[list[Holder], list[Holder]]:
-    """(stale, live): a record is stale once its flow run has ended or is gone."""
+    """(stale, live): a record is stale once its flow run has ended or is gone, and its process with it. A run
+    declared Crashed whose process still runs keeps its GPU: the verdict may be wrong (infra/fencing.py)."""
     runs = flow_runs_by_id(client, [h.flow_run_id for h in holders if h.flow_run_id])
 
     def ended(holder: Holder) -> bool:
         run = runs.get(holder.flow_run_id)
-        return run is None or run.state is None or run.state.is_final()
+        if not (run is None or run.state is None or run.state.is_final()):
+            return False
+        why = holder_may_live(client, holder.host, holder.pid, holder.since, holder.flow_run_id)
+        if why:
+            get_run_logger().warning("kept the GPU lease of ended flow run %s: %s", holder.flow_run_id, why)
+        return why is None
 
     stale = [h for h in holders if h.flow_run_id and ended(h)]
     return stale, [h for h in holders if h not in stale]

@@ -1,9 +1,11 @@
 """Automations Trainyard's setup creates on the Prefect server.
 
-Zombie runs: a flow run whose host or worker died stays Running for ever. Flow runs started by a worker send a
-heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30, set for the worker by the stack); this automation
-marks a run Crashed when its heartbeats stop for ZOMBIE_AFTER, so fallback and cleanup can act on it. A paused
-(Suspended) run has no process and sends none: it is not a zombie.
+Zombie runs: a flow run whose host or worker died stays Running for ever. Heartbeats say a run lives: its launcher
+sends one every 10 s for as long as the run's process lives (infra/liveness.py), and Prefect's engine one every
+PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30, set for the worker by the stack; the only ones of container pools).
+This automation marks a run Crashed when they stop for ZOMBIE_AFTER, so fallback and cleanup can act on it, once
+infra/fencing.py has made sure its process is gone. A paused (Suspended) run has no process and sends none: it is
+not a zombie.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ ALIVE_OR_ENDED = {
     "prefect.flow-run.Suspended",  # paused by the user: the process left on purpose
     "prefect.flow-run.Paused",
     "trainyard.flow-run.paused",  # tasks.control.PAUSED_EVENT: sent as a paused run's process leaves
+    "trainyard.flow-run.exited",  # infra.liveness.EXITED: its launcher saw the process end
+    "trainyard.flow-run.fenced",  # infra.liveness.FENCED: its launcher killed it after a Crashed verdict
 }
 
 

@@ -9,10 +9,11 @@ process pools set the job command to this module instead. The launcher is stdlib
     python -m infra.warm_start serve      # the server (`make up` starts it next to the worker)
 
 The launcher hands its environment, working directory and stdio to the server, which forks a child that runs
-`prefect.engine` exactly as the cold command would. The launcher stays the process the worker watches: it
-forwards signals (cancellation is SIGTERM) to the child and exits with the child's status. Without a server
-(TRAINYARD_WARM_SOCKET unset or nobody listening) the launcher becomes the cold command with `exec`, so a pool
-using it never depends on the server.
+`prefect.engine` exactly as the cold command would. Without a server (TRAINYARD_WARM_SOCKET unset or nobody
+listening) it starts the cold command as its child, so a pool using it never depends on the server. Either way
+the launcher stays the process the worker watches: it forwards signals (cancellation is SIGTERM) to the child,
+vouches for the run while the child lives (infra/liveness.py: the run's heartbeats come from here, not from the
+busy training process) and exits with the child's status.
 
 The server preloads modules once; when a preloaded file of this repository changes, it answers "cold" and
 restarts itself, so a run never executes stale code.
@@ -68,14 +69,40 @@ def launch(argv: list[str]) -> int:
             conn.close()
             return _cold(argv)
         child = int(answer[1])
-        for signum in FORWARDED:
-            signal.signal(signum, lambda signum, _frame: _forward(child, signum))
-        line = reader.readline().split()
-    if line[:1] == ["exit"]:
-        return _exit_like(int(line[1]))
-    while _alive(child):  # the server died: wait for the run itself, status unknown
-        time.sleep(1)
-    return 1
+        _forward_signals(child)
+        with _vouching(child) as voucher:
+            line = reader.readline().split()
+            if line[:1] == ["exit"]:
+                code = int(line[1])
+            else:
+                while _alive(child):  # the server died: wait for the run itself, status unknown
+                    time.sleep(1)
+                code = 1
+            voucher.code = code
+    return _exit_like(code)
+
+
+class _Vouching:
+    code = 1
+
+
+@contextlib.contextmanager
+def _vouching(child: int):
+    """Vouch for the run of this job (PREFECT__FLOW_RUN_ID) while `child` runs it; say when it has ended."""
+    from infra.liveness import PrefectAPI, Voucher
+
+    run, api, outcome = os.environ.get("PREFECT__FLOW_RUN_ID"), PrefectAPI.from_env(), _Vouching()
+    voucher = Voucher(api, run, child).start() if run and api else None
+    try:
+        yield outcome
+    finally:
+        if voucher is not None:
+            voucher.close(outcome.code)
+
+
+def _forward_signals(child: int) -> None:
+    for signum in FORWARDED:
+        signal.signal(signum, lambda signum, _frame: _forward(child, signum))
 
 
 def _connect(path: str) -> socket.socket | None:
@@ -89,9 +116,29 @@ def _connect(path: str) -> socket.socket | None:
 
 
 def _cold(argv: list[str]) -> int:
+    """Start the command as a child in a process group of its own (the group a fence kills), and wait for it."""
+    import subprocess
+
     module, args = _module(argv)
-    os.execv(sys.executable, [sys.executable, "-m", module, *args])
-    return 1  # not reached
+    child = subprocess.Popen([sys.executable, "-m", module, *args], start_new_session=True, preexec_fn=_die_with_parent)
+    _forward_signals(child.pid)
+    with _vouching(child.pid) as voucher:
+        while True:
+            try:
+                voucher.code = child.wait()
+                break
+            except InterruptedError:  # pragma: no cover - wait retries on EINTR itself since Python 3.5
+                continue
+    return _exit_like(voucher.code)
+
+
+def _die_with_parent() -> None:
+    """In the cold child: if the launcher is killed (SIGKILL after a cancel's grace), the run goes with it, as
+    the warm server does for a forked run. Linux only; elsewhere the child outlives a killed launcher."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _module(argv: list[str]) -> tuple[str, list[str]]:

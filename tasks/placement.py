@@ -4,8 +4,9 @@ Each attempt ends one way, and each is recorded in the attempts ledger, a table 
 - no-worker: the profile's pool had no online worker at submission time -> next profile at once
 - full: the profile's concurrency slots are all held (its global concurrency limit) -> next profile
 - late: not running by the start deadline -> cancelled, so it can never start late and twice -> next profile
-- crashed: the infrastructure failed (container engine missing, pod failed, worker lost) -> next profile, which
-  resumes from the last checkpoint in the shared checkpoint directory
+- crashed: the infrastructure failed (container engine missing, pod failed, worker lost) -> once its process is
+  known to be gone (infra/fencing.py: a verdict of death may be wrong), the next profile, which resumes from the
+  last checkpoint in the shared checkpoint directory
 - failed: the training code raised -> stop: another machine would fail the same way (unless fallback_on_failure)
 - paused: the user paused the train flow run; training checkpointed -> the run is suspended until resumed
 - completed
@@ -34,6 +35,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.train_step import mark_run_directory, read_result
+from infra.fencing import StillAlive, confirm_gone
 from infra.pools import observe
 from infra.selection import Ranking
 from infra.store import Attempt, ComputeProfile, Store
@@ -275,6 +277,12 @@ class Placement:
         )
         attempt = self._begin(profile, "submitted", f"flow run {child.name}", child.id)
         outcome, reason = self._watch(child.id, attempt)
+        if outcome == "crashed":  # a verdict that may be wrong: the next attempt must not train beside this one
+            try:
+                reason = f"{reason} Then {self._confirm_gone(child.id)}."[:500]
+            except StillAlive as alive:
+                self._end(attempt, profile, outcome, str(alive)[:500])
+                raise
         self._end(attempt, profile, outcome, reason)
         if outcome == "completed":
             return read_result(self.output_dir, self.request.experiment, self.request_id)
@@ -285,6 +293,11 @@ class Placement:
         if outcome == "cancelled":
             raise TrainingFailed(f"the training step on {profile.name} was cancelled: {reason}")
         return None
+
+    def _confirm_gone(self, child_id) -> str:
+        with get_client(sync_client=True) as client:
+            crashed_at = client.read_flow_run(child_id).state.timestamp
+            return confirm_gone(client, child_id, crashed_at).how
 
     def _watch(self, child_id, attempt: Attempt) -> tuple[str, str]:
         deadline = time.monotonic() + self.request.compute.start_deadline_s

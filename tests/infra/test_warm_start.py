@@ -84,12 +84,30 @@ def _wait_for_file(path: Path, timeout: float = 15) -> str:
     raise AssertionError(f"{path} was not written within {timeout} s")
 
 
-def test_without_a_server_the_launcher_becomes_the_cold_command(workdir):
+def test_without_a_server_the_launcher_runs_the_cold_command_as_its_child(workdir):
     launcher = _launch(workdir, workdir / "nobody-listens.sock", "report", "3")
     report = _report(launcher)
     assert launcher.returncode == 3
-    assert report["pid"] == launcher.pid  # exec: the launcher's own process runs the module
+    assert report["ppid"] == launcher.pid  # the launcher stays, to vouch for the run while it lives
     assert report["probe"] == "from-the-launcher"
+
+
+def test_without_a_server_signals_reach_the_run_and_a_killed_launcher_takes_it_along(workdir):
+    launcher = _launch(workdir, workdir / "nobody-listens.sock", "wait")
+    _wait_for_file(workdir / "started")
+    launcher.send_signal(signal.SIGTERM)  # what a worker sends to cancel
+    assert launcher.wait(timeout=15) == 143
+    assert _wait_for_file(workdir / "stopped") == str(int(signal.SIGTERM))
+
+    (workdir / "started").unlink()
+    launcher = _launch(workdir, workdir / "nobody-listens.sock", "wait")
+    child = int(_wait_for_file(workdir / "started"))
+    launcher.kill()  # what a worker does when a cancelled run outlives its grace period
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != "zombie" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
 
 
 def test_a_warm_run_is_forked_by_the_server_with_the_launchers_environment_and_stdio(workdir, server):
