@@ -46,6 +46,17 @@ class ComputeOptions(StrictModel):
     fallback_on_failure: bool = Field(
         False, description="Also fall back when the training code fails (default: only when the infrastructure does)."
     )
+    stall_timeout_s: float | None = Field(
+        900,
+        gt=0,
+        description="A live training with no progress (no optimizer step, epoch or checkpoint) for this long is "
+        "reported stalled: an alert event and an artifact. Empty: never.",
+    )
+    on_stall: Literal["alert", "fallback"] = Field(
+        "alert",
+        description="alert: report only. fallback: also end the attempt as crashed; the next profile resumes it "
+        "from its last checkpoint (a training step on another pool; in the train flow's own process, the run ends).",
+    )
 
 
 class TrainRequest(TrainConfig):

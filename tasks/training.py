@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 
 from tasks.control import ControlWatch
 from tasks.resources import held_resources
+from tasks.stall import StallWatch
 from tasks.storage import CheckpointUploads, checkpoint_mirror, restore_checkpoints
 from tasks.tracking import ensure_active
 from trainers.base import Callback, TrainControl, TrainJob, TrainResult
@@ -55,7 +56,8 @@ def train_model(
     request, dataset: DatasetSpec, output_dir: Path, run_id: str, request_run_id: str | None = None
 ) -> TrainResult:
     """Train on this host, holding the GPUs the request needs while it trains. A pause or "checkpoint now" asked
-    of the train flow run (`request_run_id`, or this flow run) reaches the trainer through a ControlWatch. With an
+    of the train flow run (`request_run_id`, or this flow run) reaches the trainer through a ControlWatch; a
+    training without progress for compute.stall_timeout_s is reported (or ended for fallback) by a StallWatch. With an
     artifact store, the run's checkpoints are fetched from it when this host lacks them, and pushed after each."""
     ensure_active(run_id)
     # Prefect forwards the trainers' logger (PREFECT_LOGGING_EXTRA_LOGGERS) but leaves its level at the root's
@@ -71,6 +73,8 @@ def train_model(
         CheckpointUploads(mirror) as uploads,  # outermost: the last upload runs after the GPUs are released
         held_resources(request, output_dir, run_id, str(request_run_id or flow_run.id)) as device,
         ControlWatch(request_run_id or flow_run.id, control) as watch,
+        StallWatch(flow_run.id, control, request.compute.stall_timeout_s, request.compute.on_stall) as stall,
     ):
-        job = make_job(request, dataset, device, output_dir, [PrefectProgress(), watch, uploads], control)
+        callbacks = [PrefectProgress(), watch, stall, uploads]
+        job = make_job(request, dataset, device, output_dir, callbacks, control)
         return get_trainer(request.trainer).train(job)

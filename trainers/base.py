@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,15 @@ class TrainControl:
     def __init__(self) -> None:
         self._pause = threading.Event()
         self._checkpoint = threading.Event()
+        self._progress_at = time.monotonic()
+
+    def mark_progress(self) -> None:
+        """Called by the trainer after each optimizer step: what a stall watch measures silence from."""
+        self._progress_at = time.monotonic()
+
+    @property
+    def seconds_without_progress(self) -> float:
+        return time.monotonic() - self._progress_at
 
     def request_pause(self) -> None:
         """Checkpoint at the next boundary, then stop with TrainingPaused."""

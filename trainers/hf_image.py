@@ -276,6 +276,7 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
 
         def on_step_end(self, args, state, control, **kwargs):
             # Runs after DefaultFlowCallback, which asks for a save every save_steps and at the last step.
+            job.control.mark_progress()
             policy = job.config.checkpoint
             age = time.monotonic() - self.last_saved
             time_is_up = bool(policy.every_seconds) and age >= policy.every_seconds

@@ -168,6 +168,7 @@ class TorchClassifierTrainer(Trainer):
                     progress.loss_sum += loss.item() * len(targets)
                     progress.seen += len(targets)
                     consistent = True
+                    job.control.mark_progress()
                     if job.control.pause_requested:
                         checkpoint()
                         raise TrainingPaused(f"paused in epoch {epoch}, after batch {progress.batch}")

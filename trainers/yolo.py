@@ -537,6 +537,7 @@ class _Progress:
         return {
             "on_pretrain_routine_start": _adopt_mlflow_callbacks,
             "on_train_start": self.on_train_start,
+            "on_train_batch_end": lambda trainer: self.job.control.mark_progress(),
             "on_train_epoch_end": self.on_train_epoch_end,
             "on_model_save": self.on_model_save,
             "on_fit_epoch_end": self.on_fit_epoch_end,
