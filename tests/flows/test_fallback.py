@@ -15,6 +15,7 @@ import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
+from waiting import wait_ready
 
 from flows.train import train
 from infra import stack as local_stack
@@ -32,16 +33,6 @@ PROFILES = [
     ("pricey", "process", "backup-pool", 500.0, 1, 5),
     ("victim", "process", "victim-pool", 0.0, 1, 6),  # its worker is killed mid-training
 ]
-
-
-def _wait_ready(pool: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            if client.read_work_pool(pool).status.value == "READY":
-                return
-            time.sleep(0.5)
-    raise TimeoutError(f"no worker came online for {pool}")
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +65,8 @@ def pools(stack, tmp_path_factory):
     previous = os.environ.get("TRAINYARD_STORE_URL")
     os.environ["TRAINYARD_STORE_URL"] = url
     try:
-        _wait_ready("backup-pool")
-        _wait_ready("docker-pool")
+        wait_ready("backup-pool")
+        wait_ready("docker-pool")
         yield store
     finally:
         for worker in workers:
@@ -233,7 +224,7 @@ def test_a_worker_killed_mid_training_is_detected_and_the_next_profile_resumes(p
 
     victim = local_stack.worker_service(stack, "victim-pool", "process", {"TRAINYARD_STORE_URL": pools.url})
     local_stack.start(stack, victim)
-    _wait_ready("victim-pool")
+    wait_ready("victim-pool")
     request = {"dataset": str(shapes_cls), "compute": {"profiles": ["victim", "backup"]}, **FAST, "epochs": 60}
     request["checkpoint"] = {"min_interval_seconds": 0}  # the sub-second epochs checkpointed: killed mid-training
     with ThreadPoolExecutor(1) as pool:
@@ -286,7 +277,7 @@ def train_deployment(pools, stack):
     subprocess.run([prefect, "--no-prompt", "deploy", "-n", "torch-shapes"], cwd=ROOT, env=env, check=True, timeout=180)
     worker = local_stack.worker_service(stack, stack.work_pool, "process", {"TRAINYARD_STORE_URL": pools.url})
     local_stack.start(stack, worker)
-    _wait_ready(stack.work_pool)
+    wait_ready(stack.work_pool)
     yield "train/torch-shapes"
     local_stack.stop(stack, worker)
 

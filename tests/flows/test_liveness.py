@@ -23,6 +23,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.states import Crashed, Running
+from waiting import wait_for, wait_ready
 
 from flows.cleanup import cleanup
 from flows.train import train
@@ -40,16 +41,6 @@ from tests.flows.models import GIL_HOLD_S
 FAST = {"epochs": 2, "batch_size": 8, "image_size": 32}
 POOLS = {"hog": "hog-pool", "victim": "victim-pool", "backup": "backup-pool"}
 HANG_MARK = Path(tempfile.gettempdir()) / f"trainyard-hang-{uuid.uuid4().hex}"  # tests/flows/models.py:hang_once
-
-
-def _wait_ready(pool: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            if client.read_work_pool(pool).status.value == "READY":
-                return
-            time.sleep(0.5)
-    raise TimeoutError(f"no worker came online for {pool}")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +63,7 @@ def pools(stack, tmp_path_factory):
         patch.setenv("TRAINYARD_STORE_URL", url)
         try:
             for pool in POOLS.values():
-                _wait_ready(pool)
+                wait_ready(pool)
             yield store
         finally:
             for worker in workers:
@@ -147,7 +138,7 @@ def test_a_wrongly_reported_death_starts_no_second_attempt_beside_the_live_one(p
         step = running[0].flow_run_id
         with get_client(sync_client=True) as client:
             since = datetime.now(UTC) - timedelta(minutes=5)
-            vouched = _wait_for(lambda: launcher_events(client, step, since), "the launcher's heartbeat")
+            vouched = wait_for(lambda: launcher_events(client, step, since), "the launcher's heartbeat")
             training = psutil.Process(vouched[0].payload["pid"])
             gone_at: list[datetime] = []
             watcher = threading.Thread(target=lambda: gone_at.append(_gone_at(training)), daemon=True)
@@ -168,15 +159,6 @@ def test_a_wrongly_reported_death_starts_no_second_attempt_beside_the_live_one(p
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [backup.flow_run_id]}))
     assert any("resuming" in log.message for log in logs)
-
-
-def _wait_for(read, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := read():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not come within {timeout:g} s")
 
 
 def _gone_at(process: psutil.Process) -> datetime:
@@ -254,7 +236,7 @@ def test_a_stalled_training_is_reported_and_goes_on_when_it_progresses_again(poo
     assert state.is_completed(), state.message
     [attempt] = pools.attempts(str(state.state_details.flow_run_id))
     assert attempt.outcome == "completed"
-    events = _wait_for(lambda: _step_events(attempt.flow_run_id, [STALLED, PROGRESSING]), "the stall events")
+    events = wait_for(lambda: _step_events(attempt.flow_run_id, [STALLED, PROGRESSING]), "the stall events")
     by_name = {e.event: e for e in events}
     assert by_name[STALLED].payload["seconds_without_progress"] >= 8 and by_name[STALLED].payload["action"] == "alert"
     assert PROGRESSING in by_name  # it went on training, and said so

@@ -13,6 +13,7 @@ import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.states import Crashed, Running
+from waiting import wait_for
 
 from infra.fencing import StillAlive, confirm_gone, launcher_events
 from infra.liveness import FENCED, HEARTBEAT, VOUCHER, PrefectAPI, Voucher
@@ -37,15 +38,6 @@ def training():
     process.wait()
 
 
-def _wait(condition, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not met within {timeout:g} s")
-
-
 def _events(run_id: str, name: str) -> list:
     with get_client(sync_client=True) as client:
         since = datetime.now(UTC) - timedelta(minutes=10)
@@ -55,12 +47,12 @@ def _events(run_id: str, name: str) -> list:
 def test_the_launcher_vouches_while_the_process_lives_and_fences_it_on_a_crashed_verdict(running_run, training):
     voucher = Voucher(PrefectAPI.from_env(), running_run, training.pid, period=0.5).start()
     try:
-        [beat, *_] = _wait(lambda: _events(running_run, HEARTBEAT), what="a stored heartbeat from the launcher")
+        [beat, *_] = wait_for(lambda: _events(running_run, HEARTBEAT), "a stored heartbeat from the launcher")
         assert beat.payload["pid"] == training.pid and beat.payload["vouched_by"] == VOUCHER
         with get_client(sync_client=True) as client:  # what the zombie automation does when it is wrong
             client.set_flow_run_state(running_run, Crashed(message="No heartbeat for 60 s"))
         assert training.wait(timeout=10) == -9  # killed: the verdict is made true before anyone acts on it
-        [fenced] = _wait(lambda: _events(running_run, FENCED), what="the fence event")
+        [fenced] = wait_for(lambda: _events(running_run, FENCED), "the fence event")
         assert "marked the run Crashed" in fenced.payload["reason"]
         with get_client(sync_client=True) as client:
             gone = confirm_gone(client, running_run, client.read_flow_run(running_run).state.timestamp, timeout=30)
@@ -83,7 +75,7 @@ def test_a_crashed_run_on_this_host_whose_process_lives_is_killed_before_anyone_
     api = PrefectAPI.from_env()
     voucher = Voucher(api, running_run, training.pid, period=60).start()  # vouched once, then not looking
     try:
-        _wait(lambda: _events(running_run, HEARTBEAT), what="a stored heartbeat")
+        wait_for(lambda: _events(running_run, HEARTBEAT), "a stored heartbeat")
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(running_run, Crashed(message="No heartbeat for 60 s"))
             gone = confirm_gone(client, running_run, datetime.now(UTC), timeout=30)
@@ -100,7 +92,7 @@ def _remote_payload(pid: int = 4242) -> dict:
 def test_a_launcher_on_another_host_that_keeps_vouching_stops_a_second_attempt(running_run):
     api = PrefectAPI.from_env()
     api.post_event(HEARTBEAT, running_run, _remote_payload())
-    _wait(lambda: _events(running_run, HEARTBEAT), what="the remote heartbeat")
+    wait_for(lambda: _events(running_run, HEARTBEAT), "the remote heartbeat")
     with get_client(sync_client=True) as client, pytest.raises(StillAlive, match="still vouches for it"):
         confirm_gone(client, running_run, datetime.now(UTC), timeout=3)
 
@@ -109,7 +101,7 @@ def test_a_launcher_on_another_host_that_went_silent_is_taken_as_gone(running_ru
     api = PrefectAPI.from_env()
     long_ago = datetime.now(UTC) - timedelta(minutes=3)
     api.post_event(HEARTBEAT, running_run, _remote_payload(), occurred=long_ago)
-    _wait(lambda: _events(running_run, HEARTBEAT), what="the remote heartbeat")
+    wait_for(lambda: _events(running_run, HEARTBEAT), "the remote heartbeat")
     with get_client(sync_client=True) as client:
         gone = confirm_gone(client, running_run, datetime.now(UTC), timeout=10)
     assert "gpu-host-elsewhere has been silent" in gone.how
