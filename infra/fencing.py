@@ -22,8 +22,9 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFi
 
 from infra.liveness import EXITED, FENCED, HEARTBEAT, SELF_FENCE_S, VOUCHER, kill_group
 
-# A launcher silent this long has fenced its run (SELF_FENCE_S), even on a busy machine that ran it late.
-SILENT_GONE_S = SELF_FENCE_S + 15.0
+# A launcher on another host silent this long has fenced its run (SELF_FENCE_S), even on a busy machine that ran it
+# late. The zombie verdict comes 60 s after its last heartbeat, so this delays a fallback by about 20 s at most.
+SILENT_GONE_S = SELF_FENCE_S + 20.0
 POLL_S = 1.0
 STARTED_SLACK_S = 5.0  # a process created this close to the launcher's record of the start is the same process
 

@@ -12,8 +12,10 @@ HEARTBEAT_S on the run's behalf, with its host and the pids, and reads the run's
 - while the run is not final, it vouches (and the zombie automation never fires for a live process);
 - when the run is Crashed while its process still lives (a verdict that was wrong), it makes the verdict true:
   it kills the run's process group and says so (FENCED), so a fallback never trains beside it;
-- when it has had no heartbeat accepted for SELF_FENCE_S (its host is cut off from the server), it fences too,
-  before the server can give its verdict, for the same reason;
+- when the server is on another host and has accepted no heartbeat for SELF_FENCE_S (this host is cut off), it
+  fences too, for the same reason: the control host then takes the run as gone once its launcher has been silent
+  longer than that (infra/fencing.py). A server on this host cannot be cut off from it: a slow one (SQLite's lock
+  under load) is waited for, never taken for a partition;
 - when the process ends, it says so (EXITED), and sends nothing more.
 tasks/placement.py reads these events before it starts a second attempt (`infra.liveness_check`).
 
@@ -31,6 +33,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from datetime import UTC, datetime
@@ -40,8 +43,9 @@ FENCED = "trainyard.flow-run.fenced"  # the launcher killed its run's process af
 EXITED = "trainyard.flow-run.exited"  # the run's process has ended (any way); nothing more comes from this launcher
 VOUCHER = "trainyard-launcher"  # payload["vouched_by"] of the launcher's heartbeats
 HEARTBEAT_S = 10.0
-SELF_FENCE_S = 45.0  # below the zombie window (60 s): a cut-off host stops its run before the verdict can come
-REQUEST_TIMEOUT_S = 5.0
+SELF_FENCE_S = 60.0  # a host cut off from a remote server this long stops its run (fencing.SILENT_GONE_S is longer)
+REQUEST_TIMEOUT_S = 20.0  # a busy server answers late, not never: a heartbeat accepted late still counts
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
@@ -50,6 +54,8 @@ class PrefectAPI:
 
     def __init__(self, url: str, env: dict[str, str]) -> None:
         self.url = url.rstrip("/")
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        self.remote = host not in LOOPBACK and not host.startswith("127.")
         self.headers = {"Content-Type": "application/json"}
         if env.get("PREFECT_API_KEY"):
             self.headers["Authorization"] = f"Bearer {env['PREFECT_API_KEY']}"
@@ -162,11 +168,12 @@ class Voucher:
                     return
                 if state in FINAL_STATES:
                     return  # ended: a heartbeat now would only open a zombie window for nothing
+                sent = time.monotonic()
                 if self.api.post_event(HEARTBEAT, self.flow_run_id, self.payload):
-                    accepted = time.monotonic()
-                elif time.monotonic() - accepted > self.self_fence_after:
+                    accepted = sent  # when it was made: the server goes by that time, not by its arrival
+                elif self.api.remote and time.monotonic() - accepted > self.self_fence_after:
                     silent = time.monotonic() - accepted
-                    self._fence(f"no heartbeat reached the server for {silent:.0f} s: this host is cut off")
+                    self._fence(f"the server at {self.api.url} accepted no heartbeat for {silent:.0f} s: cut off")
                     return
             self._stop.wait(self.period)
 

@@ -246,7 +246,7 @@ def test_a_worker_killed_mid_training_is_detected_and_the_next_profile_resumes(p
     assert [(a.profile, a.outcome) for a in attempts] == [("victim", "crashed"), ("backup", "completed")]
     assert "heartbeat" in attempts[0].reason
     detected = (attempts[1].started_at.replace(tzinfo=UTC) - killed_at).total_seconds()
-    assert detected < 120, f"fallback started {detected:.0f} s after the kill"  # heartbeat 30 s + zombie after 60 s
+    assert detected < 100, f"fallback started {detected:.0f} s after the kill"  # launcher heartbeats 10 s apart + 60 s
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [attempts[1].flow_run_id]}))
     assert any("resuming" in log.message for log in logs)  # from the victim's last checkpoint, not from scratch
