@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from infra import embedded_postgres
 from infra.storage import s3_uri_problem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +224,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """From this process's environment, or from `env`: another host's, as a test or a tool sees it."""
         env = os.environ if env is None else env
-        database_url = env.get("TRAINYARD_DATABASE_URL", "").strip()
+        home = Path(env.get("TRAINYARD_HOME") or ROOT / ".trainyard").resolve()  # empty is unset, not "here"
+        # Unset: the one-host stack's own PostgreSQL cluster while `up` runs it (infra/embedded_postgres.py).
+        database_url = env.get("TRAINYARD_DATABASE_URL", "").strip() or embedded_postgres.running_url(home) or ""
         artifact_store = ArtifactStore.parse(env.get("TRAINYARD_ARTIFACT_STORE", "").strip())
         own_store_url = env.get("TRAINYARD_STORE_URL", "").strip()
         if own_store_url:
@@ -236,7 +239,7 @@ class Settings:
                 "servers each need a port of their own (defaults 4200 and 5000)"
             )
         return cls(
-            home=Path(env.get("TRAINYARD_HOME") or ROOT / ".trainyard").resolve(),  # empty is unset, not "here"
+            home=home,
             host=env.get("TRAINYARD_HOST", "127.0.0.1"),
             prefect_port=prefect_port,
             mlflow_port=mlflow_port,

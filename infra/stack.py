@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from infra import embedded_postgres
 from infra.automations import HEARTBEAT_S, ensure_zombie_automation
 from infra.settings import RESULTS_BLOCK, ROOT, Database, Settings, SettingsError, s3_endpoint_url
 
@@ -269,6 +270,26 @@ def ensure_work_pool(settings: Settings) -> None:
             print(f"  work pool {settings.work_pool}: exists")
 
 
+def _with_local_database(settings: Settings) -> Settings:
+    """One host, no TRAINYARD_DATABASE_URL: its own PostgreSQL cluster when it can have one, else SQLite."""
+    why_not = embedded_postgres.why_not(settings.home)
+    if why_not:
+        print(
+            f"  database: SQLite under {settings.home} ({why_not}); under load its write lock stalls the Prefect "
+            "server, see docs/monitoring.md"
+        )
+        return settings
+    try:
+        url = embedded_postgres.start(settings.home)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        raise StackError(
+            f"the local PostgreSQL cluster in {embedded_postgres.directory(settings.home)} did not start: {error}. "
+            "Its log is server.log there; TRAINYARD_LOCAL_DATABASE=sqlite runs the stack on SQLite instead"
+        ) from None
+    print(f"  postgresql: the stack's own cluster, data in {embedded_postgres.directory(settings.home)}")
+    return dataclasses.replace(settings, database=Database.parse(url))
+
+
 def write_env_file(settings: Settings) -> Path:
     path = settings.home / "env"
     path.write_text("".join(f"export {k}={v}\n" for k, v in settings.client_env().items()))
@@ -287,6 +308,8 @@ def up(
     role = role or ("all" if worker else "control")
     print(f"Starting the Trainyard stack, role {role} (state in {settings.home})")
     settings.home.mkdir(parents=True, exist_ok=True)
+    if role == "all" and settings.database is None:
+        settings = _with_local_database(settings)
     (settings.home / "mlflow").mkdir(exist_ok=True)
     os.environ.update(settings.client_env())
     if settings.database:
@@ -545,11 +568,17 @@ def down(settings: Settings) -> None:
     extra_workers = [Service(pid.stem, [], None, None, {}) for pid in (settings.home / "pids").glob("worker-*.pid")]
     for service in [*extra_workers, *reversed(services(settings))]:
         stop(settings, service)
+    if embedded_postgres.stop(settings.home):
+        print("  postgresql: stopped")
 
 
 def status(settings: Settings, role: str = "all") -> bool:
     ok = True
     chosen = {"all": services(settings), "control": services(settings)[:2], "worker": services(settings)[2:]}[role]
+    if role != "worker":
+        local = embedded_postgres.running_url(settings.home)
+        where = f"local PostgreSQL ({local})" if local else (str(settings.database) if settings.database else "SQLite")
+        print(f"  {'database':15} {where}")
     for service in chosen:
         process = running(settings, service)
         healthy = process is not None and (service.health_url is None or _healthy(service.health_url))

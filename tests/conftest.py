@@ -92,6 +92,7 @@ def _session_database(home: Path) -> str | None:
     if wanted not in ("", "postgresql", "sqlite"):
         raise pytest.UsageError(f"TRAINYARD_TEST_DATABASE={wanted!r}: write postgresql or sqlite (unset: postgresql)")
     if wanted == "sqlite":
+        os.environ["TRAINYARD_LOCAL_DATABASE"] = "sqlite"  # nor a cluster of its own for `up --role all`
         print("trainyard tests: the stack runs on SQLite (TRAINYARD_TEST_DATABASE=sqlite)")
         return None
     if missing := missing_programs():
