@@ -21,3 +21,16 @@ def wait_ready(pool: str, timeout: float = 60.0) -> None:
     """Until the work pool is READY (one of its workers is online)."""
     with get_client(sync_client=True) as client:
         wait_for(lambda: client.read_work_pool(pool).status.value == "READY", f"a worker online for {pool}", timeout)
+
+
+def checkpointed_attempt(store, profile: str, timeout: float = 120.0):
+    """The attempt running on `profile` once its training has written a checkpoint (torch's last.pt)."""
+    from infra.settings import Settings
+
+    def ready():
+        running = [a for a in store.attempts() if a.profile == profile and a.outcome == "running"]
+        if running and (Settings.from_env().runs_dir / running[0].request_id / "last.pt").exists():
+            return running[0]
+        return None
+
+    return wait_for(ready, f"a training on {profile} with a checkpoint written", timeout, poll=0.5)

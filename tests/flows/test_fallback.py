@@ -15,7 +15,7 @@ import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
-from waiting import wait_ready
+from waiting import checkpointed_attempt, wait_ready
 
 from flows.train import train
 from infra import stack as local_stack
@@ -220,8 +220,6 @@ def _kill_tree(pid: int) -> None:
 
 
 def test_a_worker_killed_mid_training_is_detected_and_the_next_profile_resumes(pools, stack, shapes_cls):
-    from infra.settings import Settings
-
     victim = local_stack.worker_service(stack, "victim-pool", "process", {"TRAINYARD_STORE_URL": pools.url})
     local_stack.start(stack, victim)
     wait_ready("victim-pool")
@@ -229,14 +227,7 @@ def test_a_worker_killed_mid_training_is_detected_and_the_next_profile_resumes(p
     request["checkpoint"] = {"min_interval_seconds": 0}  # the sub-second epochs checkpointed: killed mid-training
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(train, **request, return_state=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait for training on the victim to write a checkpoint
-            running = [a for a in pools.attempts() if a.profile == "victim" and a.outcome == "running"]
-            if running and (Settings.from_env().runs_dir / running[0].request_id / "last.pt").exists():
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("training never started on the victim profile")
+        checkpointed_attempt(pools, "victim")  # killed mid-training, after its first checkpoint
         time.sleep(1)
         killed_at = datetime.now(UTC)
         _kill_tree(local_stack.running(stack, victim).pid)

@@ -23,7 +23,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.states import Crashed, Running
-from waiting import wait_for, wait_ready
+from waiting import checkpointed_attempt, wait_for, wait_ready
 
 from flows.cleanup import cleanup
 from flows.train import train
@@ -33,7 +33,6 @@ from infra.apply import apply_profiles
 from infra.automations import ZOMBIE_AFTER
 from infra.fencing import launcher_events
 from infra.liveness import HEARTBEAT, VOUCHER
-from infra.settings import Settings
 from infra.store import ComputeProfile, Store
 from tasks.stall import PROGRESSING, STALLED
 from tests.flows.models import GIL_HOLD_S
@@ -127,15 +126,7 @@ def test_a_wrongly_reported_death_starts_no_second_attempt_beside_the_live_one(p
     request["checkpoint"] = {"min_interval_seconds": 0}
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(train, **request, return_state=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # training on the victim, with a checkpoint written
-            running = [a for a in pools.attempts() if a.profile == "victim" and a.outcome == "running"]
-            if running and (Settings.from_env().runs_dir / running[0].request_id / "last.pt").exists():
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("training never started on the victim profile")
-        step = running[0].flow_run_id
+        step = checkpointed_attempt(pools, "victim").flow_run_id
         with get_client(sync_client=True) as client:
             since = datetime.now(UTC) - timedelta(minutes=5)
             vouched = wait_for(lambda: launcher_events(client, step, since), "the launcher's heartbeat")
