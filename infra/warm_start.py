@@ -70,34 +70,31 @@ def launch(argv: list[str]) -> int:
             return _cold(argv)
         child = int(answer[1])
         _forward_signals(child)
-        with _vouching(child) as voucher:
+        with _vouching(child) as ended:
             line = reader.readline().split()
             if line[:1] == ["exit"]:
-                code = int(line[1])
+                ended.code = int(line[1])
             else:
                 while _alive(child):  # the server died: wait for the run itself, status unknown
                     time.sleep(1)
-                code = 1
-            voucher.code = code
-    return _exit_like(code)
-
-
-class _Vouching:
-    code = 1
+    return _exit_like(ended.code)
 
 
 @contextlib.contextmanager
 def _vouching(child: int):
-    """Vouch for the run of this job (PREFECT__FLOW_RUN_ID) while `child` runs it; say when it has ended."""
+    """Vouch for this job's run (PREFECT__FLOW_RUN_ID) while `child` runs it (infra/liveness.py). The block sets
+    the child's exit status on what it yields; the voucher reports it when the block ends."""
+    import types
+
     from infra.liveness import PrefectAPI, Voucher
 
-    run, api, outcome = os.environ.get("PREFECT__FLOW_RUN_ID"), PrefectAPI.from_env(), _Vouching()
+    run, api, ended = os.environ.get("PREFECT__FLOW_RUN_ID"), PrefectAPI.from_env(), types.SimpleNamespace(code=1)
     voucher = Voucher(api, run, child).start() if run and api else None
     try:
-        yield outcome
+        yield ended
     finally:
         if voucher is not None:
-            voucher.close(outcome.code)
+            voucher.close(ended.code)
 
 
 def _forward_signals(child: int) -> None:
@@ -122,14 +119,9 @@ def _cold(argv: list[str]) -> int:
     module, args = _module(argv)
     child = subprocess.Popen([sys.executable, "-m", module, *args], start_new_session=True, preexec_fn=_die_with_parent)
     _forward_signals(child.pid)
-    with _vouching(child.pid) as voucher:
-        while True:
-            try:
-                voucher.code = child.wait()
-                break
-            except InterruptedError:  # pragma: no cover - wait retries on EINTR itself since Python 3.5
-                continue
-    return _exit_like(voucher.code)
+    with _vouching(child.pid) as ended:
+        ended.code = child.wait()
+    return _exit_like(ended.code)
 
 
 def _die_with_parent() -> None:
