@@ -34,3 +34,14 @@ def checkpointed_attempt(store, profile: str, timeout: float = 120.0):
         return None
 
     return wait_for(ready, f"a training on {profile} with a checkpoint written", timeout, poll=0.5)
+
+
+def gone_at(process):
+    """When `process` (a psutil.Process) ended, watched from now on: run it in a thread beside what it waits for."""
+    from datetime import UTC, datetime
+
+    import psutil
+
+    while process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.05)
+    return datetime.now(UTC)

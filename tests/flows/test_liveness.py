@@ -23,7 +23,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.states import Crashed, Running
-from waiting import checkpointed_attempt, wait_for, wait_ready
+from waiting import checkpointed_attempt, gone_at, wait_for, wait_ready
 
 from flows.cleanup import cleanup
 from flows.train import train
@@ -131,8 +131,8 @@ def test_a_wrongly_reported_death_starts_no_second_attempt_beside_the_live_one(p
             since = datetime.now(UTC) - timedelta(minutes=5)
             vouched = wait_for(lambda: launcher_events(client, step, since), "the launcher's heartbeat")
             training = psutil.Process(vouched[0].payload["pid"])
-            gone_at: list[datetime] = []
-            watcher = threading.Thread(target=lambda: gone_at.append(_gone_at(training)), daemon=True)
+            gone: list[datetime] = []
+            watcher = threading.Thread(target=lambda: gone.append(gone_at(training)), daemon=True)
             watcher.start()
             client.set_flow_run_state(step, Crashed(message="No heartbeat for 60 s: its host or worker was lost."))
         state = future.result(timeout=400)
@@ -146,16 +146,10 @@ def test_a_wrongly_reported_death_starts_no_second_attempt_beside_the_live_one(p
         "completed",
     )
     assert "killed" in victim.reason, victim.reason
-    assert gone_at and gone_at[0] <= backup.started_at.replace(tzinfo=UTC), (gone_at, backup.started_at)
+    assert gone and gone[0] <= backup.started_at.replace(tzinfo=UTC), (gone, backup.started_at)
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [backup.flow_run_id]}))
     assert any("resuming" in log.message for log in logs)
-
-
-def _gone_at(process: psutil.Process) -> datetime:
-    while process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-        time.sleep(0.05)
-    return datetime.now(UTC)
 
 
 @flow(name="held-gpu")

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 from pg_cluster import missing_programs, throwaway_cluster
 from s3_server import SECRET_KEY, free_port, start_moto, stop
+from waiting import gone_at, wait_for
 
 from infra.settings import ROOT, Settings
 from trainers.data.synthetic import make_shapes_classification
@@ -124,6 +125,10 @@ class TrainingHost:
     def worker_log(self) -> str:
         return (Path(self.env["TRAINYARD_HOME"]) / "logs" / "worker.log").read_text()
 
+    def cut_off(self) -> None:
+        """Unplug the host from the LAN: it runs on, but nothing it sends reaches another host."""
+        _ip_ok("-n", self.namespace, "link", "set", "eth0", "down")
+
     def power_off(self) -> None:
         """kill -9 of every process on the host, as when it loses power."""
         for pid in _ip("netns", "pids", self.namespace).stdout.split():
@@ -138,9 +143,10 @@ class Cluster:
     dataset: str  # s3:// URI of the generated dataset
     hosts: list[TrainingHost] = field(default_factory=list)
 
-    def start_host(self, name: str, pool: str, own_runs_disk: bool = False) -> TrainingHost:
+    def start_host(self, name: str, pool: str, own_runs_disk: bool = False, own_hostname: bool = False) -> TrainingHost:
         """`up --role worker --pool POOL` on a new host of the LAN; with own_runs_disk, the host has its own files at
-        the control host's runs directory, as another machine would."""
+        the control host's runs directory, as another machine would; with own_hostname, its processes see `name` as
+        their host name (a UTS namespace), as another machine's would."""
         namespace, address = self.lan.plug_in(name)
         host = TrainingHost(namespace, address, self.stack.host_env(name), f"{name}-worker")
         up = [sys.executable, "-m", "infra.stack", "up", "--role", "worker", "--pool", pool, "--name", host.worker]
@@ -150,6 +156,8 @@ class Cluster:
             runs.mkdir(parents=True, exist_ok=True)
             mount = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'  # the worker and its runs inherit the mount
             up = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", str(disk), str(runs), *up]
+        if own_hostname:
+            up = ["unshare", "--uts", "sh", "-c", 'hostname "$1" && shift && exec "$@"', "sh", name, *up]
         started = host.run(*up, "--limit", "1")
         self.hosts.append(host)
         assert started.returncode == 0, f"up --role worker on {name}:\n{started.stdout}\n{started.stderr}"
@@ -297,3 +305,75 @@ def test_a_training_host_that_dies_is_replaced_by_another_that_resumes_its_work_
     assert sorted(steps) == list(range(1, EPOCHS + 1))  # every epoch once: none lost with host A, none trained twice
     [version] = client.search_model_versions("name = 'net-fallback'")
     assert version.run_id == mlflow_run.info.run_id
+
+
+def test_a_training_host_cut_off_from_the_lan_stops_its_training_before_another_host_resumes_it(cluster):
+    """Host C loses its network mid-training: it runs on, but nothing of it reaches the control host. The zombie
+    automation marks its step Crashed; host C's launcher, whose heartbeats no longer get through, kills the training
+    after 60 s; the control host takes C's run as gone only once C's launcher has been silent for 80 s, and then
+    falls back to host D, which resumes from C's pushed checkpoints. The two trainings never run at once."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from infra.fencing import launcher_events
+    from infra.store import Store
+
+    control_shell = cluster.stack.client_env(cluster.stack.control_env)
+    for name, priority in (("net-c", "3"), ("net-d", "4")):
+        add = ["add", name, "--kind", "process", "--work-pool", name, "--priority", priority, "--max-concurrent", "1"]
+        subprocess.run([sys.executable, "-m", "infra.profiles", *add], cwd=ROOT, env=control_shell, check=True)
+    subprocess.run([sys.executable, "-m", "infra.apply"], cwd=ROOT, env=control_shell, check=True, timeout=300)
+    host_c = cluster.start_host("net-c", "net-c", own_runs_disk=True, own_hostname=True)
+    cluster.start_host("net-d", "net-d", own_runs_disk=True, own_hostname=True)
+
+    request = dict(
+        dataset=cluster.dataset, compute={"profiles": ["net-c", "net-d"]}, epochs=EPOCHS, batch_size=8, image_size=32,
+        experiment="net-cut", registered_model="net-cut", checkpoint={"min_interval_seconds": 0},
+    )  # fmt: skip
+    code = f"""
+        from flows.train import train
+        state = train(**{request!r}, return_state=True)
+        print("STATE", state.type.value, state.state_details.flow_run_id, flush=True)
+    """
+    flow = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=control_shell,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    store = Store(cluster.stack.settings.database.url("postgresql+psycopg"))
+    gone: list[datetime] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not [key for key in cluster.stack.objects("team/net-cut/") if key.endswith("/latest.json")]:
+            assert time.monotonic() < deadline and flow.poll() is None, "host C never pushed a checkpoint"
+            time.sleep(0.5)
+        [step] = [a.flow_run_id for a in store.attempts() if a.profile == "net-c"]
+        api = {PREFECT_API_URL: cluster.stack.settings.prefect_api}  # the control host's server, not the session's
+        with temporary_settings(api), get_client(sync_client=True) as client:
+            since = datetime.now(UTC) - timedelta(minutes=10)
+            [beat, *_] = wait_for(lambda: launcher_events(client, step, since), "host C's launcher heartbeat", 60)
+        assert beat.payload["host"] == "net-c"
+        training = psutil.Process(beat.payload["pid"])  # the same machine underneath: the test can watch it
+        watcher = threading.Thread(target=lambda: gone.append(gone_at(training)), daemon=True)
+        watcher.start()
+        host_c.cut_off()
+        out, _ = flow.communicate(timeout=600)
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    assert "STATE COMPLETED" in out, out[-3000:]
+    request_id = out.split("STATE COMPLETED")[-1].split()[0]
+    c, d = store.attempts(request_id)
+    assert (c.profile, c.outcome, d.profile, d.outcome) == ("net-c", "crashed", "net-d", "completed")
+    assert "launcher on net-c has been silent" in c.reason, c.reason
+    assert gone and gone[0] < d.started_at.replace(tzinfo=UTC), (gone, d.started_at)
+    assert "cut off" in host_c.worker_log()  # its launcher said why it stopped the training
+    step_log = flow_run_logs(cluster.stack.settings.prefect_api, d.flow_run_id)
+    assert "resuming from" in step_log
