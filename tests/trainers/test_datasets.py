@@ -156,3 +156,20 @@ def test_synthetic_cli_makes_both_default_datasets_once(tmp_path: Path, capsys: 
     stamp = (tmp_path / "shapes-det" / "data.yaml").stat().st_mtime_ns
     synthetic_main([str(tmp_path)])  # both exist: skipped
     assert (tmp_path / "shapes-det" / "data.yaml").stat().st_mtime_ns == stamp
+
+
+def test_bytes_in_no_image_format_are_named_so_even_with_ultralytics_heif_opener(tmp_path):
+    """Importing Ultralytics registers a HEIF opener whose module (pi_heif) may be missing: Pillow then raises
+    ModuleNotFoundError instead of UnidentifiedImageError for bytes in no format. The defect reads the same."""
+    import ultralytics.data.utils  # noqa: F401  (registers the opener)
+
+    from trainers.data.images import inspect_image
+
+    path = tmp_path / "val" / "cat" / "0.png"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not a png")
+    defect, _ = inspect_image(path, tmp_path)
+    assert defect == (
+        "val/cat/0.png: cannot be decoded as an image (its bytes are in no image format Pillow reads); re-export it "
+        "or remove it"
+    )

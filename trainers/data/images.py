@@ -55,7 +55,10 @@ def inspect_image(path: Path, root: Path) -> tuple[str | None, bytes | None]:
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: catches truncated and corrupt files that open() alone accepts
-    except UnidentifiedImageError:  # its text names an in-memory buffer, not the file
+    # UnidentifiedImageError's text names an in-memory buffer, not the file. ModuleNotFoundError: Pillow's own
+    # formats did not match, and an opener another library registered lacks its module (Ultralytics' HEIF one,
+    # without pi_heif): these bytes are in no format this machine reads either way.
+    except (UnidentifiedImageError, ModuleNotFoundError):
         return (
             f"{name}: cannot be decoded as an image (its bytes are in no image format Pillow reads); re-export it "
             "or remove it",
