@@ -5,8 +5,8 @@ or another run on its GPU (cleanup) must wait until the crashed run's process is
 write the same checkpoints or share a GPU. Its launcher (infra/liveness.py) says what it knows in events:
 - EXITED or FENCED after the verdict: gone, its host says so;
 - its heartbeat payload names its host and pid: on this host, the process is looked at (and killed if it lives);
-- silence: a launcher that cannot reach the server kills its run after SELF_FENCE_S, before the verdict can come,
-  so a launcher silent for longer than that, plus a margin for the machine being busy, has no run left alive.
+- silence: a launcher on another host that cannot reach the server kills its run after SELF_FENCE_S, so one silent
+  for SILENT_GONE_S (that, plus a margin for a busy machine) has no run left alive.
 A run that no launcher ever vouched for (a container pool, a crash at submission) has nothing to ask.
 """
 
@@ -67,14 +67,13 @@ def local_process(payload: dict) -> psutil.Process | None:
         return None
 
 
-def confirm_gone(client, flow_run_id, verdict_at: datetime, timeout: float = 120.0) -> Gone:
+def confirm_gone(client, flow_run_id, timeout: float = 120.0) -> Gone:
     """Wait until the crashed run's process is known to be gone; kill it when it runs on this host.
 
     Raises StillAlive when its launcher on another host keeps vouching for it past `timeout`."""
-    verdict_at = verdict_at if verdict_at.tzinfo else verdict_at.replace(tzinfo=UTC)
     deadline = time.monotonic() + timeout
     while True:
-        events = launcher_events(client, flow_run_id, verdict_at - timedelta(days=1))
+        events = launcher_events(client, flow_run_id, datetime.now(UTC) - timedelta(days=1))
         if not events:  # a zombie verdict comes a window after a heartbeat, long stored by then
             return Gone("no launcher vouched for it: the worker saw it end, or it never started")
         else:

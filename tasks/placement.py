@@ -296,8 +296,7 @@ class Placement:
 
     def _confirm_gone(self, child_id) -> str:
         with get_client(sync_client=True) as client:
-            crashed_at = client.read_flow_run(child_id).state.timestamp
-            return confirm_gone(client, child_id, crashed_at).how
+            return confirm_gone(client, child_id).how
 
     def _watch(self, child_id, attempt: Attempt) -> tuple[str, str]:
         deadline = time.monotonic() + self.request.compute.start_deadline_s

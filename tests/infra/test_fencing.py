@@ -55,7 +55,7 @@ def test_the_launcher_vouches_while_the_process_lives_and_fences_it_on_a_crashed
         [fenced] = wait_for(lambda: _events(running_run, FENCED), "the fence event")
         assert "marked the run Crashed" in fenced.payload["reason"]
         with get_client(sync_client=True) as client:
-            gone = confirm_gone(client, running_run, client.read_flow_run(running_run).state.timestamp, timeout=30)
+            gone = confirm_gone(client, running_run, timeout=30)
         assert "killed by its launcher" in gone.how
     finally:
         voucher.close(-9)
@@ -79,7 +79,7 @@ def test_a_crashed_run_on_this_host_whose_process_lives_is_killed_before_anyone_
         wait_for(lambda: _events(running_run, HEARTBEAT), "a stored heartbeat")
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(running_run, Crashed(message="No heartbeat for 60 s"))
-            gone = confirm_gone(client, running_run, datetime.now(UTC), timeout=30)
+            gone = confirm_gone(client, running_run, timeout=30)
         assert "still ran on this host and was killed" in gone.how
         assert not psutil.pid_exists(training.pid)  # killed, and reaped by the check that waited for it
     finally:
@@ -95,7 +95,7 @@ def test_a_launcher_on_another_host_that_keeps_vouching_stops_a_second_attempt(r
     api.post_event(HEARTBEAT, running_run, _remote_payload())
     wait_for(lambda: _events(running_run, HEARTBEAT), "the remote heartbeat")
     with get_client(sync_client=True) as client, pytest.raises(StillAlive, match="still vouches for it"):
-        confirm_gone(client, running_run, datetime.now(UTC), timeout=3)
+        confirm_gone(client, running_run, timeout=3)
 
 
 def test_a_launcher_on_another_host_that_went_silent_is_taken_as_gone(running_run):
@@ -104,14 +104,14 @@ def test_a_launcher_on_another_host_that_went_silent_is_taken_as_gone(running_ru
     api.post_event(HEARTBEAT, running_run, _remote_payload(), occurred=long_ago)
     wait_for(lambda: _events(running_run, HEARTBEAT), "the remote heartbeat")
     with get_client(sync_client=True) as client:
-        gone = confirm_gone(client, running_run, datetime.now(UTC), timeout=10)
+        gone = confirm_gone(client, running_run, timeout=10)
     assert "gpu-host-elsewhere has been silent" in gone.how
 
 
 def test_a_run_no_launcher_vouched_for_has_nothing_to_wait_for(running_run):
     started = time.monotonic()
     with get_client(sync_client=True) as client:
-        gone = confirm_gone(client, running_run, datetime.now(UTC), timeout=10)
+        gone = confirm_gone(client, running_run, timeout=10)
     assert "no launcher vouched" in gone.how and time.monotonic() - started < 5
 
 
