@@ -143,6 +143,38 @@ class Cluster:
     dataset: str  # s3:// URI of the generated dataset
     hosts: list[TrainingHost] = field(default_factory=list)
 
+    def add_profiles(self, *profiles: tuple[str, int]) -> dict[str, str]:
+        """One process profile per (name, priority), each on a pool of its name, applied from the control host;
+        returns the control host's shell environment."""
+        shell = self.stack.client_env(self.stack.control_env)
+        for name, priority in profiles:
+            add = ["add", name, "--kind", "process", "--work-pool", name, "--priority", str(priority)]
+            add += ["--max-concurrent", "1"]
+            subprocess.run([sys.executable, "-m", "infra.profiles", *add], cwd=ROOT, env=shell, check=True)
+        subprocess.run([sys.executable, "-m", "infra.apply"], cwd=ROOT, env=shell, check=True, timeout=300)
+        return shell
+
+    def train_from_control_host(self, shell: dict[str, str], profiles: list[str], experiment: str):
+        """The train flow in a process of the control host (EPOCHS, a checkpoint per epoch); it prints
+        `STATE <type> <flow run id>` at the end."""
+        request = dict(
+            dataset=self.dataset, compute={"profiles": profiles}, epochs=EPOCHS, batch_size=8, image_size=32,
+            experiment=experiment, registered_model=experiment, checkpoint={"min_interval_seconds": 0},
+        )  # fmt: skip
+        code = f"""
+            from flows.train import train
+            state = train(**{request!r}, return_state=True)
+            print("STATE", state.type.value, state.state_details.flow_run_id, flush=True)
+        """
+        return subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=ROOT,
+            env=shell,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
     def start_host(self, name: str, pool: str, own_runs_disk: bool = False, own_hostname: bool = False) -> TrainingHost:
         """`up --role worker --pool POOL` on a new host of the LAN; with own_runs_disk, the host has its own files at
         the control host's runs directory, as another machine would; with own_hostname, its processes see `name` as
@@ -162,6 +194,17 @@ class Cluster:
         self.hosts.append(host)
         assert started.returncode == 0, f"up --role worker on {name}:\n{started.stdout}\n{started.stderr}"
         return host
+
+
+def completed_request(flow: subprocess.Popen) -> str:
+    """The id of the train flow run that `flow` (Cluster.train_from_control_host) ran, which must have Completed."""
+    try:
+        out, _ = flow.communicate(timeout=600)
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    assert "STATE COMPLETED" in out, out[-3000:]
+    return out.split("STATE COMPLETED")[-1].split()[0]
 
 
 @pytest.fixture(scope="module")
@@ -252,43 +295,21 @@ def test_a_training_host_that_dies_is_replaced_by_another_that_resumes_its_work_
 
     from infra.store import Store
 
-    control_shell = cluster.stack.client_env(cluster.stack.control_env)
-    for name, priority in (("net-a", "1"), ("net-b", "2")):
-        add = ["add", name, "--kind", "process", "--work-pool", name, "--priority", priority, "--max-concurrent", "1"]
-        subprocess.run([sys.executable, "-m", "infra.profiles", *add], cwd=ROOT, env=control_shell, check=True)
-    subprocess.run([sys.executable, "-m", "infra.apply"], cwd=ROOT, env=control_shell, check=True, timeout=300)
+    control_shell = cluster.add_profiles(("net-a", 1), ("net-b", 2))
     host_a = cluster.start_host("net-a", "net-a", own_runs_disk=True)
     host_b = cluster.start_host("net-b", "net-b", own_runs_disk=True)
 
-    request = dict(
-        dataset=cluster.dataset, compute={"profiles": ["net-a", "net-b"]}, epochs=EPOCHS, batch_size=8, image_size=32,
-        experiment="net-fallback", registered_model="net-fallback", checkpoint={"min_interval_seconds": 0},
-    )  # fmt: skip
-    code = f"""
-        from flows.train import train
-        state = train(**{request!r}, return_state=True)
-        print("STATE", state.type.value, state.state_details.flow_run_id, flush=True)
-    """
-    flow = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env=control_shell,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    flow = cluster.train_from_control_host(control_shell, ["net-a", "net-b"], "net-fallback")
     try:
         deadline = time.monotonic() + 300
         while not [key for key in cluster.stack.objects("team/net-fallback/") if key.endswith("/latest.json")]:
             assert time.monotonic() < deadline and flow.poll() is None, "host A never pushed a checkpoint"
             time.sleep(0.5)
         host_a.power_off()
-        out, _ = flow.communicate(timeout=600)
-    finally:
-        if flow.poll() is None:
-            flow.kill()
-    assert "STATE COMPLETED" in out, out[-3000:]
-    request_id = out.split("STATE COMPLETED")[-1].split()[0]
+    except BaseException:
+        flow.kill()
+        raise
+    request_id = completed_request(flow)
 
     attempts = Store(cluster.stack.settings.database.url("postgresql+psycopg")).attempts(request_id)
     assert [(a.profile, a.outcome) for a in attempts] == [("net-a", "crashed"), ("net-b", "completed")]
@@ -322,31 +343,11 @@ def test_a_training_host_cut_off_from_the_lan_stops_its_training_before_another_
     from infra.fencing import launcher_events
     from infra.store import Store
 
-    control_shell = cluster.stack.client_env(cluster.stack.control_env)
-    for name, priority in (("net-c", "3"), ("net-d", "4")):
-        add = ["add", name, "--kind", "process", "--work-pool", name, "--priority", priority, "--max-concurrent", "1"]
-        subprocess.run([sys.executable, "-m", "infra.profiles", *add], cwd=ROOT, env=control_shell, check=True)
-    subprocess.run([sys.executable, "-m", "infra.apply"], cwd=ROOT, env=control_shell, check=True, timeout=300)
+    control_shell = cluster.add_profiles(("net-c", 3), ("net-d", 4))
     host_c = cluster.start_host("net-c", "net-c", own_runs_disk=True, own_hostname=True)
     cluster.start_host("net-d", "net-d", own_runs_disk=True, own_hostname=True)
 
-    request = dict(
-        dataset=cluster.dataset, compute={"profiles": ["net-c", "net-d"]}, epochs=EPOCHS, batch_size=8, image_size=32,
-        experiment="net-cut", registered_model="net-cut", checkpoint={"min_interval_seconds": 0},
-    )  # fmt: skip
-    code = f"""
-        from flows.train import train
-        state = train(**{request!r}, return_state=True)
-        print("STATE", state.type.value, state.state_details.flow_run_id, flush=True)
-    """
-    flow = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env=control_shell,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    flow = cluster.train_from_control_host(control_shell, ["net-c", "net-d"], "net-cut")
     store = Store(cluster.stack.settings.database.url("postgresql+psycopg"))
     gone: list[datetime] = []
     try:
@@ -364,12 +365,10 @@ def test_a_training_host_cut_off_from_the_lan_stops_its_training_before_another_
         watcher = threading.Thread(target=lambda: gone.append(gone_at(training)), daemon=True)
         watcher.start()
         host_c.cut_off()
-        out, _ = flow.communicate(timeout=600)
-    finally:
-        if flow.poll() is None:
-            flow.kill()
-    assert "STATE COMPLETED" in out, out[-3000:]
-    request_id = out.split("STATE COMPLETED")[-1].split()[0]
+    except BaseException:
+        flow.kill()
+        raise
+    request_id = completed_request(flow)
     c, d = store.attempts(request_id)
     assert (c.profile, c.outcome, d.profile, d.outcome) == ("net-c", "crashed", "net-d", "completed")
     assert "launcher on net-c has been silent" in c.reason, c.reason
