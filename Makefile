@@ -38,7 +38,7 @@ status: venv
 	$(PY) -m infra.stack status --role $(ROLE)
 
 deploy: up
-	$(STACK_ENV) && $(PY) -m infra.profiles seed --if-empty && $(PY) -m infra.apply
+	$(STACK_ENV) && $(PY) -m infra.compute.profiles seed --if-empty && $(PY) -m infra.stack.apply
 	$(STACK_ENV) && $(VENV)/bin/prefect --no-prompt deploy --all
 
 datasets: venv

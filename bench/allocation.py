@@ -21,8 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-from infra.allocation import Need, gpu_lease
-from infra.gpus import GPU, HostInventory
+from infra.compute.allocation import Need, gpu_lease
+from infra.compute.gpus import GPU, HostInventory
 
 
 def supplied_inventory() -> HostInventory:

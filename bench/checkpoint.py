@@ -12,7 +12,7 @@ time is reading the final resumable checkpoint back.
     python bench/checkpoint.py [--trainers torch,hf-image,yolo] [--epochs-scale 1.0] [--data-scale 1] [--cold]
 
 Each trainer trains in a process forked from this one, which is first prepared as the warm-start server prepares
-the process it forks every training on a process worker from (infra/warm_start.py: the same imports and `warm_up()`
+the process it forks every training on a process worker from (infra/runs/warm_start.py: the same imports and `warm_up()`
 hooks). --cold skips that preparation, as in a container that starts one training: hf-image's first checkpoint
 then also builds Transformers' weight-conversion table.
 
@@ -37,11 +37,10 @@ import safetensors.torch
 import torch
 
 from trainers import checkpoints
-from trainers.base import TrainJob
+from trainers.base import TrainJob, get_trainer
 from trainers.config import TrainConfig
 from trainers.data.synthetic import make_shapes_classification, make_shapes_detection
 from trainers.data.validate import load_dataset
-from trainers.registry import get_trainer
 
 DEMOS = {  # the demo deployments' parameters (prefect.yaml)
     "torch": dict(model="tiny-cnn", epochs=10, learning_rate=0.003),
@@ -171,7 +170,7 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="no warm-start preparation (a fresh container's process)")
     args = parser.parse_args()
     if not args.cold:
-        from infra.warm_start import PRELOAD, warm_up
+        from infra.runs.warm_start import PRELOAD, warm_up
 
         warm_up(PRELOAD)
     n = args.data_scale

@@ -30,11 +30,11 @@ import psutil
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter
 
-from infra import stack as local_stack
-from infra.apply import apply_profiles
-from infra.automations import ensure_zombie_automation
+from infra.compute.store import ComputeProfile, Store
 from infra.settings import Settings
-from infra.store import ComputeProfile, Store
+from infra.stack import services as local_stack
+from infra.stack.apply import apply_profiles
+from infra.stack.automations import ensure_zombie_automation
 from trainers.data.synthetic import make_shapes_classification
 
 PROFILES = [("ghost", "process"), ("docker", "docker"), ("victim", "process"), ("backup", "process")]

@@ -36,11 +36,11 @@ from pathlib import Path
 import psutil
 from prefect.client.orchestration import get_client
 
-from infra import stack as local_stack
-from infra.apply import apply_profiles
-from infra.automations import ensure_zombie_automation
+from infra.compute.store import ComputeProfile, Store
 from infra.settings import ROOT, Settings
-from infra.store import ComputeProfile, Store
+from infra.stack import services as local_stack
+from infra.stack.apply import apply_profiles
+from infra.stack.automations import ensure_zombie_automation
 from trainers.data.synthetic import make_shapes_classification, make_shapes_detection
 
 PROFILES = {"load": 6, "victim": 1, "backup": 1}  # name -> max_concurrent

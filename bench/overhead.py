@@ -24,7 +24,7 @@ from trainers.base import TrainJob
 from trainers.config import TrainConfig
 from trainers.data.synthetic import make_shapes_classification
 from trainers.data.validate import load_dataset
-from trainers.export import check_onnx_parity
+from trainers.onnx_export import check_onnx_parity
 from trainers.torch_classifier import TorchClassifierTrainer
 
 

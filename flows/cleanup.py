@@ -30,11 +30,11 @@ from prefect.states import Crashed
 from pydantic import Field
 
 from flows.monitor import PAGE, flow_runs_by_id, newest_log, paged
-from infra.allocation import PREFIX, Holder, read_holders
-from infra.automations import ZOMBIE_AFTER, ensure_zombie_automation
-from infra.fencing import holder_may_live
-from infra.monitoring import orphaned_slots, plan_pruning, prune, zombie_reason
+from infra.compute.allocation import PREFIX, Holder, read_holders
+from infra.runs.fencing import holder_may_live
+from infra.runs.monitoring import orphaned_slots, plan_pruning, prune, zombie_reason
 from infra.settings import Settings
+from infra.stack.automations import ZOMBIE_AFTER, ensure_zombie_automation
 
 CONFIRM_S = 3.0  # slots seen without a lease are looked at again after this long before they are released
 
@@ -183,7 +183,7 @@ def _ended(ids: list[str]) -> set[str]:
 
 def _split_records(client, holders: list[Holder]) -> tuple[list[Holder], list[Holder]]:
     """(stale, live): a record is stale once its flow run has ended or is gone, and its process with it. A run
-    declared Crashed whose process still runs keeps its GPU: the verdict may be wrong (infra/fencing.py)."""
+    declared Crashed whose process still runs keeps its GPU: the verdict may be wrong (infra/runs/fencing.py)."""
     runs = flow_runs_by_id(client, [h.flow_run_id for h in holders if h.flow_run_id])
 
     def ended(holder: Holder) -> bool:

@@ -22,7 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.flow_runs import resume_flow_run, suspend_flow_run
 
-from tasks.control import CHECKPOINT_KEY
+from tasks.control_watch import CHECKPOINT_KEY
 
 
 class ControlError(RuntimeError):

@@ -3,7 +3,7 @@ find stuck runs -> table artifacts -> events for what needs a person.
 
 Artifacts (keys): `trainyard-monitor` (every known host's GPUs: holder, utilization, memory, temperature),
 `trainyard-monitor-pools` (work pools and their workers), `trainyard-monitor-queue` (requests waiting).
-Events: `trainyard.gpu.hot`, `trainyard.pool.no-worker`, `trainyard.run.stuck` (payloads in infra/monitoring.py),
+Events: `trainyard.gpu.hot`, `trainyard.pool.no-worker`, `trainyard.run.stuck` (payloads in infra/runs/monitoring.py),
 each once per `remind_after_minutes` while it lasts; automations turn them into notifications (docs/monitoring.md).
 """
 
@@ -34,7 +34,7 @@ from prefect.events import emit_event
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from pydantic import Field
 
-from infra.allocation import (
+from infra.compute.allocation import (
     PREFIX,
     WAITER_ALIVE_S,
     Holder,
@@ -43,8 +43,9 @@ from infra.allocation import (
     read_holders,
     read_inventories,
 )
-from infra.gpus import discover
-from infra.monitoring import (
+from infra.compute.gpus import discover
+from infra.compute.store import Store
+from infra.runs.monitoring import (
     EVENTS,
     NONE,
     Alert,
@@ -61,7 +62,6 @@ from infra.monitoring import (
     stuck_alert,
 )
 from infra.settings import Settings
-from infra.store import Store
 
 TRAINING_FLOWS = ["train", "train-step"]
 PAGE = 200

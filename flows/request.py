@@ -22,7 +22,7 @@ class ExportOptions(StrictModel):
 
 
 class ComputeOptions(StrictModel):
-    """Where training may run: compute profiles (see `python -m infra.profiles list`), how to choose, what it needs."""
+    """Where training may run: compute profiles (`python -m infra.compute.profiles list`), how to choose, needs."""
 
     profiles: list[str] = Field(
         default_factory=list, description="Profile names in order of preference (empty: every enabled profile)."

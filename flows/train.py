@@ -3,7 +3,7 @@
 
 One MLflow run records the whole pipeline, across every attempt; the Prefect run shows each stage, live progress,
 every compute attempt and a summary. An s3:// dataset is synced into the local cache first; with an artifact store
-(TRAINYARD_ARTIFACT_STORE) checkpoints and the exported model are uploaded to it (tasks/storage.py).
+(TRAINYARD_ARTIFACT_STORE) checkpoints and the exported model are uploaded to it (tasks/remote_storage.py).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from prefect.runtime import flow_run
 
 from flows.request import TrainRequest, request_parameters
 from infra.settings import Settings
-from tasks.compute import select_compute
-from tasks.control import paused_training_suspends_the_run
+from tasks.choose_compute import select_compute
+from tasks.control_watch import paused_training_suspends_the_run
 from tasks.dataset import prepare_dataset, publish_dataset_stats
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
 from tasks.placement import train_on_compute
-from tasks.registry import register_model
+from tasks.register import register_model
+from tasks.remote_storage import artifact_store, check_artifact_store, is_remote, sync_dataset, upload_model
 from tasks.report import publish_summary
-from tasks.storage import artifact_store, check_artifact_store, is_remote, sync_dataset, upload_model
 from tasks.tracking import end_runs_left_running, pipeline_run
 from trainers.registry import trainer_spec
 

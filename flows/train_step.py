@@ -21,8 +21,8 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.request import TrainRequest
-from tasks.control import PAUSED
-from tasks.storage import artifact_store, checkpoint_mirror, is_remote, localize_dataset, restore_checkpoints
+from tasks.control_watch import PAUSED
+from tasks.remote_storage import artifact_store, checkpoint_mirror, is_remote, localize_dataset, restore_checkpoints
 from tasks.tracking import attached_run
 from tasks.training import train_model
 from trainers.base import TrainingPaused, TrainResult

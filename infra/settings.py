@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from infra import embedded_postgres
-from infra.storage import s3_uri_problem
+from infra.stack import embedded_postgres
+from trainers.data.uris import s3_uri_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,7 +187,7 @@ def tcp_port(env: Mapping[str, str], name: str, default: int) -> int:
 
 
 def check_store_url(url: str) -> None:
-    """TRAINYARD_STORE_URL must be a SQLAlchemy URL; the platform store (infra/store.py) connects with it."""
+    """TRAINYARD_STORE_URL must be a SQLAlchemy URL; the platform store (infra/compute/store.py) connects with it."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -225,7 +225,7 @@ class Settings:
         """From this process's environment, or from `env`: another host's, as a test or a tool sees it."""
         env = os.environ if env is None else env
         home = Path(env.get("TRAINYARD_HOME") or ROOT / ".trainyard").resolve()  # empty is unset, not "here"
-        # Unset: the one-host stack's own PostgreSQL cluster while `up` runs it (infra/embedded_postgres.py).
+        # Unset: the one-host stack's own PostgreSQL cluster while `up` runs it (infra/stack/embedded_postgres.py).
         database_url = env.get("TRAINYARD_DATABASE_URL", "").strip() or embedded_postgres.running_url(home) or ""
         artifact_store = ArtifactStore.parse(env.get("TRAINYARD_ARTIFACT_STORE", "").strip())
         own_store_url = env.get("TRAINYARD_STORE_URL", "").strip()
@@ -275,7 +275,7 @@ class Settings:
 
     @property
     def warm_socket(self) -> Path:
-        """The warm-start server's socket (infra/warm_start.py); a Unix socket path must stay under 108 bytes."""
+        """The warm-start server's socket (infra/runs/warm_start.py); a Unix socket path must stay under 108 bytes."""
         path = self.home / "warm-start.sock"
         if len(str(path)) < 100:
             return path
@@ -307,7 +307,7 @@ class Settings:
     def _shared_env(self) -> dict[str, str]:
         env = {}
         if self.database and not self.own_store_url:
-            # Compute profiles and the attempts ledger: one store for every host (infra/store.py).
+            # Compute profiles and the attempts ledger: one store for every host (infra/compute/store.py).
             env["TRAINYARD_STORE_URL"] = self.database.url("postgresql+psycopg")
         if self.artifact_store:
             env.update(

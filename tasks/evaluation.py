@@ -12,9 +12,8 @@ from prefect.artifacts import create_table_artifact
 from tasks.resources import evaluation_device
 from tasks.tracking import ensure_active
 from tasks.training import make_job
-from trainers.base import TrainResult
+from trainers.base import TrainResult, get_trainer
 from trainers.data.spec import DatasetSpec
-from trainers.registry import get_trainer
 
 
 @task

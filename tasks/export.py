@@ -10,10 +10,9 @@ from prefect import get_run_logger, task
 
 from tasks.tracking import ensure_active
 from tasks.training import make_job
-from trainers.base import TrainResult
+from trainers.base import TrainResult, get_trainer
 from trainers.data.spec import DatasetSpec
-from trainers.export import ParityReport, check_onnx_parity, write_label_map
-from trainers.registry import get_trainer
+from trainers.onnx_export import ParityReport, check_onnx_parity, write_label_map
 
 
 @dataclass(frozen=True)

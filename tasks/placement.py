@@ -5,7 +5,7 @@ Each attempt ends one way, and each is recorded in the attempts ledger, a table 
 - full: the profile's concurrency slots are all held (its global concurrency limit) -> next profile
 - late: not running by the start deadline -> cancelled, so it can never start late and twice -> next profile
 - crashed: the infrastructure failed (container engine missing, pod failed, worker lost) -> once its process is
-  known to be gone (infra/fencing.py: a verdict of death may be wrong), the next profile, which resumes from the
+  known to be gone (infra/runs/fencing.py: a verdict of death may be wrong), the next profile, which resumes from the
   last checkpoint in the shared checkpoint directory
 - failed: the training code raised -> stop: another machine would fail the same way (unless fallback_on_failure)
 - paused: the user paused the train flow run; training checkpointed -> the run is suspended until resumed
@@ -35,12 +35,12 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.train_step import mark_run_directory, read_result
-from infra.fencing import StillAlive, confirm_gone
-from infra.pools import observe
-from infra.selection import Ranking
-from infra.store import Attempt, ComputeProfile, Store
-from tasks.compute import NoComputeNow, current_work_pool, runs_here
-from tasks.control import PAUSED
+from infra.compute.pool_health import observe
+from infra.compute.selection import Ranking
+from infra.compute.store import Attempt, ComputeProfile, Store
+from infra.runs.fencing import StillAlive, confirm_gone
+from tasks.choose_compute import NoComputeNow, current_work_pool, runs_here
+from tasks.control_watch import PAUSED
 from tasks.tracking import ensure_active
 from tasks.training import train_model
 from trainers.base import TrainingPaused, TrainResult

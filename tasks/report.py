@@ -7,8 +7,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.export import ExportedModel
-from tasks.registry import RegisteredModel
-from tasks.storage import StoredModel
+from tasks.register import RegisteredModel
+from tasks.remote_storage import StoredModel
 
 
 def mlflow_run_url(run_id: str) -> str:

@@ -13,10 +13,10 @@ import mlflow
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from infra.allocation import Lease, Need, gpu_lease
-from infra.compute import local_device
-from infra.gpus import HostInventory, discover
-from infra.store import Store
+from infra.compute.allocation import Lease, Need, gpu_lease
+from infra.compute.devices import local_device
+from infra.compute.gpus import HostInventory, discover
+from infra.compute.store import Store
 
 SYSTEM_METRICS_EVERY_S = 5.0
 

@@ -116,7 +116,7 @@ class StallWatch(Callback):
         message = f"Stalled: no progress for {silent:.0f} s (compute.stall_timeout_s {self.timeout_s:g}); killed"
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(self.flow_run_id, Crashed(message=message), force=True)
-        # The run's own process group when its launcher made one (infra/warm_start.py), else this process alone.
+        # The run's own process group when its launcher made one (infra/runs/warm_start.py), else this process alone.
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from prefect.exceptions import Pause
 from prefect.runtime import flow_run
 
-from infra.mlflow_artifacts import require_s3_credentials
 from infra.settings import ROOT
+from infra.storage.mlflow_artifacts import require_s3_credentials
 from trainers.base import TrainingPaused
 from trainers.data.spec import DatasetSpec
 

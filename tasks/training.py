@@ -10,14 +10,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
-from tasks.control import ControlWatch
+from tasks.control_watch import ControlWatch
+from tasks.remote_storage import CheckpointUploads, checkpoint_mirror, restore_checkpoints
 from tasks.resources import held_resources
 from tasks.stall import StallWatch
-from tasks.storage import CheckpointUploads, checkpoint_mirror, restore_checkpoints
 from tasks.tracking import ensure_active
-from trainers.base import Callback, TrainControl, TrainJob, TrainResult
+from trainers.base import Callback, TrainControl, TrainJob, TrainResult, get_trainer
 from trainers.data.spec import DatasetSpec
-from trainers.registry import get_trainer
 
 
 class PrefectProgress(Callback):

@@ -140,8 +140,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def stack():
     """A real Prefect server and MLflow tracking server on free ports, for the whole session: on the session's
     PostgreSQL cluster (TRAINYARD_DATABASE_URL; the platform store too), or SQLite where there is none."""
-    from infra import stack as local_stack
     from infra.settings import Settings
+    from infra.stack import services as local_stack
 
     settings = Settings.from_env()
     try:

@@ -26,13 +26,13 @@ from pydantic import ValidationError
 
 from flows.request import TrainRequest
 from flows.train import train
-from infra import stack as trainyard_stack
-from infra.profiles import ProfileError, load_seed, validate_profile
-from infra.profiles import main as profiles_cli
+from infra.compute.profiles import ProfileError, load_seed, validate_profile
+from infra.compute.profiles import main as profiles_cli
 from infra.settings import ArtifactStore, Database, Settings, SettingsError
+from infra.stack import services as trainyard_stack
 from infra.storage import StorageError
 from tasks.dataset import checked_dataset
-from tasks.storage import sync_dataset_uri
+from tasks.remote_storage import sync_dataset_uri
 from tasks.tracking import runs_of_flow_run
 from trainers.data.errors import DatasetError
 
@@ -576,7 +576,7 @@ def test_bad_profile_seed_is_refused(tmp_path, text, words):
 
 @pytest.fixture
 def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    """`python -m infra.profiles` in-process, on a seeded store of its own: (exit code, stderr)."""
+    """`python -m infra.compute.profiles` in-process, on a seeded store of its own: (exit code, stderr)."""
     url = f"sqlite:///{tmp_path / 'trainyard.db'}"
     assert profiles_cli(["--url", url, "seed"]) == 0
 
@@ -841,5 +841,5 @@ def test_flow_refuses_a_broken_image_link_without_a_cache_key_traceback(stack, t
 
 
 def test_flow_refuses_an_unknown_compute_profile_naming_the_known_ones(stack, shapes_cls):
-    words = ["unknown compute profile(s) moon; known:", "local", "python -m infra.profiles list"]
+    words = ["unknown compute profile(s) moon; known:", "local", "python -m infra.compute.profiles list"]
     refused_run(words, dataset=str(shapes_cls), compute={"profiles": ["moon"]})

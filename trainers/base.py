@@ -15,6 +15,7 @@ import numpy as np
 
 from trainers.config import TrainConfig
 from trainers.data.spec import DatasetSpec
+from trainers.registry import trainer_spec
 
 
 class Callback:
@@ -125,3 +126,8 @@ class Trainer(abc.ABC):
     @abc.abstractmethod
     def torch_outputs(self, job: TrainJob, checkpoint: Path, batch: np.ndarray) -> np.ndarray:
         """What the PyTorch model of `checkpoint` outputs for `batch`: the reference the ONNX model must match."""
+
+
+def get_trainer(name: str) -> Trainer:
+    """A new instance of the trainer named in a request (its library is imported now, not before)."""
+    return trainer_spec(name).load()()

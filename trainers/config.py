@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.storage import s3_uri_problem
+from trainers.data.uris import s3_uri_problem
 from trainers.registry import TRAINERS, trainer_spec
 
 
@@ -122,7 +122,7 @@ class TrainConfig(StrictModel):
     def _trainer_takes_these_options(self) -> TrainConfig:
         spec = trainer_spec(self.trainer)
         spec.check_model(self.model)
-        spec.check_options(self)
+        spec.check_options(self.loss.model_dump(), self.augmentations.mosaic, self.checkpoint.best_metric)
         return self
 
 

@@ -64,7 +64,7 @@ from trainers.checkpoints import (
     signals_held,
     write_dir_manifest,
 )
-from trainers.export import export_image_classifier
+from trainers.onnx_export import export_image_classifier
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,7 +132,7 @@ def build_model(model: str, labels: list[str], image_size: int) -> PreTrainedMod
 def warm_up() -> None:
     """Transformers builds its table of checkpoint weight conversions (about 1,000 compiled patterns, some 50 ms
     on a 2-core machine) in the first `save_pretrained` of a process, the first checkpoint of a model built from a
-    config. The warm-start server (infra/warm_start.py) builds it once, for every training it forks."""
+    config. The warm-start server (infra/runs/warm_start.py) builds it once, for every training it forks."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     get_checkpoint_conversion_mapping("vit")

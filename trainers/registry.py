@@ -10,11 +10,7 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from trainers.base import Trainer
-    from trainers.config import TrainConfig
+from typing import Literal
 
 Task = Literal["classification", "detection"]
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -32,7 +28,8 @@ class TrainerSpec:
     takes_mosaic: bool = False
     best_metrics: tuple[str, ...] = ("val_accuracy", "val_loss")  # checkpoint.best_metric's choices, default first
 
-    def load(self) -> type[Trainer]:
+    def load(self) -> type:
+        """The trainer class (a trainers.base.Trainer), imported now."""
         module, cls = self.target.split(":")
         return getattr(importlib.import_module(module), cls)
 
@@ -52,8 +49,9 @@ class TrainerSpec:
             return (path.suffix in {".pt", ".yaml", ".yml"} and path.is_file()) or _ultralytics_cfg(model)
         return path.is_dir() and (path / "config.json").is_file()
 
-    def check_options(self, config: TrainConfig) -> None:
-        given = {name for name, value in config.loss.model_dump().items() if value not in (None, 0.0)}
+    def check_options(self, loss: dict[str, object], mosaic: float, best: str | None) -> None:
+        """A request's loss options, mosaic and checkpoint.best_metric, refused by name where not taken."""
+        given = {name for name, value in loss.items() if value not in (None, 0.0)}
         foreign = sorted(given - self.loss_options)
         if foreign:
             takes = ", ".join(sorted(self.loss_options)) or "none"
@@ -61,9 +59,8 @@ class TrainerSpec:
                 f"loss option(s) {', '.join(foreign)} are not taken by the {self.name} trainer "
                 f"(it takes: {takes}); remove them from `loss`"
             )
-        if config.augmentations.mosaic and not self.takes_mosaic:
+        if mosaic and not self.takes_mosaic:
             raise ValueError(f"augmentations.mosaic applies to detection (yolo) only, not to {self.name}; set it to 0")
-        best = config.checkpoint.best_metric
         if best is not None and best not in self.best_metrics:
             raise ValueError(
                 f"checkpoint.best_metric {best!r} is not a metric the {self.name} trainer chooses the best checkpoint "
@@ -127,7 +124,3 @@ def trainer_spec(name: str) -> TrainerSpec:
         return TRAINERS[name]
     except KeyError:
         raise ValueError(f"unknown trainer {name!r}; choose one of {', '.join(TRAINERS)}") from None
-
-
-def get_trainer(name: str) -> Trainer:
-    return trainer_spec(name).load()()

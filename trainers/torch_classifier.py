@@ -30,7 +30,7 @@ from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
 from trainers.checkpoints import CheckpointError, CheckpointStore, signals_held
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
-from trainers.export import export_image_classifier
+from trainers.onnx_export import export_image_classifier
 
 log = logging.getLogger("trainers.torch")
 CHECKPOINT_FORMAT = 2  # 2: mid-epoch progress, per-epoch loader order

@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from infra.storage import ChecksumError, StorageError, StoredObject, SyncResult, check_key
+from infra.storage.objects import ChecksumError, StorageError, StoredObject, SyncResult, check_key
 
 CHUNK = 8 * 1024 * 1024
 

@@ -27,9 +27,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from s3transfer.subscribers import BaseSubscriber
 
-from infra.storage import ChecksumError, StorageError, StoredObject, SyncResult, check_key, sha256_file
 from infra.storage.cache import SyncCache
 from infra.storage.hashing import HashingFile
+from infra.storage.objects import ChecksumError, StorageError, StoredObject, SyncResult, check_key, sha256_file
 from infra.storage.s3_errors import translated_errors
 
 log = logging.getLogger(__name__)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
-from infra.storage import StorageError
+from infra.storage.objects import StorageError
 
-if TYPE_CHECKING:
-    from infra.storage.s3 import S3Storage
+# The infra.storage.s3.S3Storage that failed; not imported, as that module imports this one.
+S3Storage = Any
 
 CREDENTIALS_FIX = (
     "Trainyard reads S3 credentials from the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "

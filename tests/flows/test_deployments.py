@@ -15,9 +15,9 @@ from prefect.deployments import run_deployment
 from prefect.utilities.importtools import import_object
 
 from flows.request import TrainRequest
-from infra import stack as local_stack
-from infra import warm_start
+from infra.runs import warm_start
 from infra.settings import ROOT
+from infra.stack import services as local_stack
 from trainers.data.synthetic import make_shapes_classification, make_shapes_detection
 
 DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
@@ -50,7 +50,7 @@ def test_the_nightly_schedule_is_declared_and_documented_as_inactive():
 @pytest.fixture(scope="module")
 def worker(stack):
     """`make deploy` for the torch demo, and a real process worker polling the local pool, with its warm start."""
-    from infra.stack import ensure_work_pool
+    from infra.stack.services import ensure_work_pool
 
     ensure_work_pool(stack)
     env = {**os.environ, **stack.client_env()}
@@ -87,7 +87,7 @@ def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker,
     )
     assert run.state.is_completed(), run.state.message
     warm_log = (worker.home / "logs" / "warm-start.log").read_text()
-    assert f"flow run {run.id} forked" in warm_log  # started warm, from the preloaded server (infra/warm_start.py)
+    assert f"flow run {run.id} forked" in warm_log  # started warm, from the preloaded server (infra/runs/warm_start.py)
 
     mlflow_run = mlflow.search_runs(
         search_all_experiments=True,

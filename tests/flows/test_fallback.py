@@ -18,9 +18,9 @@ from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 from waiting import checkpointed_attempt, wait_ready
 
 from flows.train import train
-from infra import stack as local_stack
-from infra.apply import apply_profiles
-from infra.store import ComputeProfile, Store
+from infra.compute.store import ComputeProfile, Store
+from infra.stack import services as local_stack
+from infra.stack.apply import apply_profiles
 from tasks.tracking import runs_of_flow_run
 
 FAST = {"epochs": 2, "batch_size": 8, "image_size": 32}
@@ -55,7 +55,7 @@ def pools(stack, tmp_path_factory):
                 ram_gb=8,
             )
         )
-    asyncio.run(apply_profiles(store.profiles()))  # pools and train-step deployments, as `python -m infra.apply`
+    asyncio.run(apply_profiles(store.profiles()))  # pools and train-step deployments, as `python -m infra.stack.apply`
     workers = [
         local_stack.worker_service(stack, "backup-pool", "process", {"TRAINYARD_STORE_URL": url}),
         local_stack.worker_service(stack, "docker-pool", "docker", {"TRAINYARD_STORE_URL": url}),

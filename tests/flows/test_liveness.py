@@ -27,13 +27,13 @@ from waiting import checkpointed_attempt, gone_at, wait_for, wait_ready
 
 from flows.cleanup import cleanup
 from flows.train import train
-from infra import stack as local_stack
-from infra.allocation import HOLDER_PREFIX, _set_variable
-from infra.apply import apply_profiles
-from infra.automations import ZOMBIE_AFTER
-from infra.fencing import launcher_events
-from infra.liveness import HEARTBEAT, VOUCHER
-from infra.store import ComputeProfile, Store
+from infra.compute.allocation import HOLDER_PREFIX, _set_variable
+from infra.compute.store import ComputeProfile, Store
+from infra.runs.fencing import launcher_events
+from infra.runs.liveness import HEARTBEAT, VOUCHER
+from infra.stack import services as local_stack
+from infra.stack.apply import apply_profiles
+from infra.stack.automations import ZOMBIE_AFTER
 from tasks.stall import PROGRESSING, STALLED
 from tests.flows.models import GIL_HOLD_S
 

@@ -33,12 +33,12 @@ from prefect.states import Completed, Running
 
 from flows.cleanup import cleanup
 from flows.monitor import monitor
-from infra.allocation import Need, gpu_lease, limit_name
-from infra.automations import ZOMBIE_AUTOMATION
-from infra.gpus import GPU, HostInventory
-from infra.monitoring import plan_pruning, prune
+from infra.compute.allocation import Need, gpu_lease, limit_name
+from infra.compute.gpus import GPU, HostInventory
+from infra.compute.store import Store
+from infra.runs.monitoring import plan_pruning, prune
 from infra.settings import ROOT, Settings
-from infra.store import Store
+from infra.stack.automations import ZOMBIE_AUTOMATION
 from trainers.checkpoints import CheckpointStore
 
 _RELEASE: dict[str, threading.Event] = {}  # the holder flow's key -> set when it should release its GPU
@@ -235,7 +235,7 @@ class TestDeployments:
 
     @pytest.fixture(scope="class")
     def deployed(self, stack):
-        from infra.stack import ensure_work_pool
+        from infra.stack.services import ensure_work_pool
 
         ensure_work_pool(stack)
         prefect = str(Path(sys.executable).parent / "prefect")

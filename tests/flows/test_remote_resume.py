@@ -28,7 +28,7 @@ from s3_server import client, client_env, env_applied
 from flows.request import TrainRequest
 from flows.train_step import train_step
 from infra.settings import Settings
-from tasks.storage import sync_dataset_uri
+from tasks.remote_storage import sync_dataset_uri
 from trainers.data.synthetic import make_shapes_detection
 from trainers.data.validate import load_dataset
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from infra import warm_start
+from infra.runs import warm_start
 from infra.settings import ROOT
 
 # The shared stack's helpers live with its own tests; tests/infra is not a package (its name is the project's).
@@ -39,9 +39,9 @@ def cluster(tmp_path_factory) -> Iterator[tuple[SharedStack, list[dict[str, str]
     with shared_stack(tmp_path_factory.mktemp("scale")) as shared:
         control = shared.client_env(shared.control_env)  # the control host's shell after `source .trainyard/env`
         for command in (
-            [sys.executable, "-m", "infra.profiles", "seed", "--if-empty"],
+            [sys.executable, "-m", "infra.compute.profiles", "seed", "--if-empty"],
             # Two hosts of ten slots: the pool's profile may run twenty trainings at once (the seed says two).
-            [sys.executable, "-m", "infra.profiles", "set", "local", f"max_concurrent={RUNS}"],
+            [sys.executable, "-m", "infra.compute.profiles", "set", "local", f"max_concurrent={RUNS}"],
             [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "-n", DEPLOYMENT.split("/")[1]],
         ):
             subprocess.run(command, cwd=ROOT, env=control, check=True, capture_output=True, timeout=300)

@@ -32,7 +32,7 @@ from flows.request import TrainRequest
 from flows.train import train
 from flows.train_step import read_result, train_step
 from infra.settings import Settings
-from tasks.storage import sync_dataset_uri
+from tasks.remote_storage import sync_dataset_uri
 from tasks.tracking import runs_of_flow_run
 from trainers.data.validate import load_dataset
 

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import FlowRunFilter
 from prefect_logs import run_logs
 
 from flows.train import train
-from trainers.export import read_label_map
+from trainers.onnx_export import read_label_map
 
 FAST = {"epochs": 2, "batch_size": 8, "image_size": 32, "trainer": "torch", "model": "tiny-cnn"}
 

@@ -34,10 +34,10 @@ from test_remote_resume import HF, HF_STEPS_PER_EPOCH, YOLO, Request, assert_eac
 from flows.request import TrainRequest
 from flows.train import train
 from flows.train_step import RunDirectoryNotShared, read_result, train_step
-from infra import stack as local_stack
-from infra.apply import apply_profiles
+from infra.compute.store import ComputeProfile, Store
 from infra.settings import Settings
-from infra.store import ComputeProfile, Store
+from infra.stack import services as local_stack
+from infra.stack.apply import apply_profiles
 from trainers.data.validate import load_dataset
 
 store, shapes_det = remote_resume.store, remote_resume.shapes_det  # its fixtures: a new bucket, a YOLO dataset

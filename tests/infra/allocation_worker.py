@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from infra.allocation import Need, gpu_lease
-from infra.gpus import HostInventory
+from infra.compute.allocation import Need, gpu_lease
+from infra.compute.gpus import HostInventory
 
 
 def main() -> None:

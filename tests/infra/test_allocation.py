@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.allocation import LEASE_S, AllocationError, Need, choose, gpu_lease, limit_name
-from infra.gpus import GPU, HostInventory, discover
+from infra.compute.allocation import LEASE_S, AllocationError, Need, choose, gpu_lease, limit_name
+from infra.compute.gpus import GPU, HostInventory, discover
 from infra.settings import ROOT
 
 WORKER = Path(__file__).with_name("allocation_worker.py")

@@ -1,5 +1,5 @@
 """`up` on one host runs Prefect, MLflow and the platform store on a PostgreSQL cluster of its own when PostgreSQL's
-server programs are installed (infra/embedded_postgres.py): Prefect's server on SQLite stalls under load."""
+server programs are installed (infra/stack/embedded_postgres.py): Prefect's server on SQLite stalls under load."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from s3_server import free_port
 from test_shared_stack import clean_env, cli
 
-from infra import embedded_postgres
 from infra.settings import Settings
+from infra.stack import embedded_postgres
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from prefect import flow
 from test_allocation import WORKER, inventory
 
 from flows.request import TrainRequest
-from infra.allocation import free_slots, limit_name, slots_of
-from infra.gpus import discover
+from infra.compute.allocation import free_slots, limit_name, slots_of
+from infra.compute.gpus import discover
 from infra.settings import ROOT
 from tasks import resources
 
@@ -62,7 +62,7 @@ def test_on_a_real_gpu_evaluation_after_training_in_the_same_process_uses_the_gp
     # A training in this process started CUDA with its leased GPU visible; evaluation afterwards must lease a GPU
     # that this process can still use, and find it among CUDA's devices.
     probe = (
-        "import torch; from infra.allocation import Need, gpu_lease; from infra.gpus import discover;"
+        "import torch; from infra.compute.allocation import Need, gpu_lease; from infra.compute.gpus import discover;"
         "from tasks.resources import device_of, visible_to_this_process\n"
         "with gpu_lease(Need(gpus=1), discover()) as first:\n"
         "    torch.zeros(1, device='cuda:0')\n"

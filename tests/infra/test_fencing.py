@@ -1,4 +1,4 @@
-"""The launcher's voucher (infra/liveness.py) and the check before acting on a Crashed verdict (infra/fencing.py),
+"""The launcher's voucher (infra/runs/liveness.py) and the check before acting on a Crashed verdict (fencing.py),
 against the session's real Prefect server, with a real process standing in for a training."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from prefect.client.orchestration import get_client
 from prefect.states import Crashed, Running
 from waiting import wait_for
 
-from infra.fencing import StillAlive, confirm_gone, launcher_events
-from infra.liveness import FENCED, HEARTBEAT, VOUCHER, PrefectAPI, Voucher
+from infra.runs.fencing import StillAlive, confirm_gone, launcher_events
+from infra.runs.liveness import FENCED, HEARTBEAT, VOUCHER, PrefectAPI, Voucher
 
 
 @flow(name="liveness-placeholder")

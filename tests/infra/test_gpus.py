@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from infra.gpus import GIB, HostInventory, discover, format_table, main
+from infra.compute.gpus import GIB, HostInventory, discover, format_table, main
 
 REPO = Path(__file__).resolve().parents[2]
 NEEDS_GPU = "needs an NVIDIA GPU with a driver (run on the GPU machine)"
@@ -31,7 +31,7 @@ def cpu_only(has_gpu: bool) -> None:
 
 
 def test_cpu_only_host_is_normal(cpu_only, tmp_path: Path, recwarn, caplog) -> None:
-    caplog.set_level(logging.DEBUG, logger="infra.gpus")
+    caplog.set_level(logging.DEBUG, logger="infra.compute.gpus")
     inventory = discover(tmp_path)
 
     assert inventory.gpus == ()
@@ -73,7 +73,7 @@ def test_table_and_json_output(tmp_path: Path, capsys) -> None:
 def test_cli_runs_as_module(tmp_path: Path) -> None:
     for extra in ([], ["--json"]):
         result = subprocess.run(
-            [sys.executable, "-m", "infra.gpus", "--path", str(tmp_path), *extra],
+            [sys.executable, "-m", "infra.compute.gpus", "--path", str(tmp_path), *extra],
             cwd=REPO,
             capture_output=True,
             text=True,

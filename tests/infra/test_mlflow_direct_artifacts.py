@@ -26,8 +26,8 @@ from test_shared_stack import (
     train_on_a_worker,
 )
 
-from infra import stack as trainyard_stack
 from infra.settings import Settings
+from infra.stack import services as trainyard_stack
 
 DIRECT = {"TRAINYARD_MLFLOW_ARTIFACTS": "direct"}
 POOL = "trainyard-local"  # the torch demo deployment's pool (prefect.yaml)

@@ -150,8 +150,8 @@ class Cluster:
         for name, priority in profiles:
             add = ["add", name, "--kind", "process", "--work-pool", name, "--priority", str(priority)]
             add += ["--max-concurrent", "1"]
-            subprocess.run([sys.executable, "-m", "infra.profiles", *add], cwd=ROOT, env=shell, check=True)
-        subprocess.run([sys.executable, "-m", "infra.apply"], cwd=ROOT, env=shell, check=True, timeout=300)
+            subprocess.run([sys.executable, "-m", "infra.compute.profiles", *add], cwd=ROOT, env=shell, check=True)
+        subprocess.run([sys.executable, "-m", "infra.stack.apply"], cwd=ROOT, env=shell, check=True, timeout=300)
         return shell
 
     def train_from_control_host(self, shell: dict[str, str], profiles: list[str], experiment: str):
@@ -293,7 +293,7 @@ def test_a_training_host_that_dies_is_replaced_by_another_that_resumes_its_work_
     pushed checkpoints over the LAN and finishes the training; the flow evaluates and exports from the push."""
     from mlflow import MlflowClient
 
-    from infra.store import Store
+    from infra.compute.store import Store
 
     control_shell = cluster.add_profiles(("net-a", 1), ("net-b", 2))
     host_a = cluster.start_host("net-a", "net-a", own_runs_disk=True)
@@ -340,8 +340,8 @@ def test_a_training_host_cut_off_from_the_lan_stops_its_training_before_another_
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from infra.fencing import launcher_events
-    from infra.store import Store
+    from infra.compute.store import Store
+    from infra.runs.fencing import launcher_events
 
     control_shell = cluster.add_profiles(("net-c", 3), ("net-d", 4))
     host_c = cluster.start_host("net-c", "net-c", own_runs_disk=True, own_hostname=True)

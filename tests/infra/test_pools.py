@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.store import ComputeProfile
+from infra.compute.store import ComputeProfile
 
 
 def make_pool(client, name: str) -> None:
@@ -16,7 +16,7 @@ def profile(name: str, pool: str, deployment: str | None = None, **fields) -> Co
 
 
 def test_a_missing_pool_and_a_pool_without_worker_are_not_ready(client, unique):
-    from infra.pools import observe
+    from infra.compute.pool_health import observe
 
     make_pool(client, unique)
     states = observe([profile("idle", unique), profile("ghost", f"{unique}-missing")], client)
@@ -29,7 +29,7 @@ def test_a_missing_pool_and_a_pool_without_worker_are_not_ready(client, unique):
 def test_a_worker_heartbeat_makes_the_pool_ready_and_pausing_it_does_not(client, unique):
     from prefect.client.schemas.actions import WorkPoolUpdate
 
-    from infra.pools import observe
+    from infra.compute.pool_health import observe
 
     make_pool(client, unique)
     client.send_worker_heartbeat(unique, f"{unique}-worker", heartbeat_interval_seconds=30)
@@ -44,7 +44,7 @@ def test_a_worker_heartbeat_makes_the_pool_ready_and_pausing_it_does_not(client,
 def test_active_runs_of_the_profile_deployment_are_counted(client, unique):
     from prefect.states import Cancelled, Running, Scheduled
 
-    from infra.pools import observe
+    from infra.compute.pool_health import observe
 
     make_pool(client, unique)
     flow_id = client.create_flow_from_name(f"{unique}-flow")
@@ -64,7 +64,7 @@ def test_active_runs_of_the_profile_deployment_are_counted(client, unique):
 def test_credential_blocks_are_checked_by_type_slug_and_name(client, unique):
     from prefect.blocks.system import Secret
 
-    from infra.pools import observe
+    from infra.compute.pool_health import observe
 
     Secret(value="x").save("trainyard-test", overwrite=True)
     blocks = ["secret/trainyard-test", f"aws-credentials/{unique}", f"secret/{unique}"]

@@ -26,8 +26,8 @@ from pg_cluster import missing_programs, throwaway_cluster
 from s3_server import free_port
 from test_shared_stack import _stack_processes, clean_env, cli, deploy_torch_demo, python, train_on_a_worker
 
-from infra import stack as trainyard_stack
 from infra.settings import Settings
+from infra.stack import services as trainyard_stack
 
 USER = "ty_pw_user"
 # Random per run, and every character that breaks a URL unless percent-encoded: @ : / % #
@@ -256,7 +256,7 @@ class WorkerHost:
 
 
 def _shell(env: dict[str, str]) -> dict[str, str]:
-    """A host's shell after `source .trainyard/env`: its environment and what `infra.stack env` prints there."""
+    """A host's shell after `source .trainyard/env`: its environment and what `infra.stack env` prints."""
     printed = cli("env", env=env).stdout
     return env | dict(line.removeprefix("export ").split("=", 1) for line in printed.splitlines())
 

@@ -1,4 +1,4 @@
-"""`python -m infra.profiles`, run in-process: each command, and each error as exit 2 with one clear line."""
+"""`python -m infra.compute.profiles`, run in-process: each command, and each error as exit 2 with one clear line."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.profiles import FIELD_TYPES, main
-from infra.store import Attempt, ComputeProfile, Store
+from infra.compute.profiles import FIELD_TYPES, main
+from infra.compute.store import Attempt, ComputeProfile, Store
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_attempts_table(cli, url):
 
 
 def test_seed_if_empty_keeps_a_deleted_profile_deleted(tmp_path, capsys):
-    from infra.profiles import main
+    from infra.compute.profiles import main
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     assert main(["--url", url, "seed", "--if-empty"]) == 0

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from infra.selection import (
+from infra.compute.selection import (
     Needs,
     OverBudget,
     PoolState,
@@ -14,7 +14,7 @@ from infra.selection import (
     estimate_hours,
     rank_profiles,
 )
-from infra.store import Attempt, ComputeProfile
+from infra.compute.store import Attempt, ComputeProfile
 
 READY = PoolState(ready=True, online_workers=1, paused=False, running=0)
 

@@ -26,8 +26,8 @@ import psutil
 import pytest
 from s3_server import ACCESS_KEY, SECRET_KEY, free_port, start_moto, stop
 
-from infra import stack as trainyard_stack
 from infra.settings import ROOT, ArtifactStore, Database, Settings
+from infra.stack import services as trainyard_stack
 
 ADMIN_URL = os.environ.get("TRAINYARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
 # The server here trusts local connections and ignores it; it is in the URL so the tests can look for leaks
@@ -77,7 +77,7 @@ def cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 40
         [sys.executable, "-m", "infra.stack", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     if check and done.returncode != 0:
-        pytest.fail(f"infra.stack {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        pytest.fail(f"infra.stack.services {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
 
 
@@ -98,7 +98,7 @@ def deploy_torch_demo(shell_env: dict[str, str]) -> None:
     """`make deploy` as the scale test runs it on the control host: seeded profiles and the torch demo deployment
     (flows/train.py on the trainyard-local pool). `shell_env`: that host's shell after `source .trainyard/env`."""
     for command in (
-        [sys.executable, "-m", "infra.profiles", "seed", "--if-empty"],
+        [sys.executable, "-m", "infra.compute.profiles", "seed", "--if-empty"],
         [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "-n", "torch-shapes"],
     ):
         done = subprocess.run(command, cwd=ROOT, env=shell_env, capture_output=True, text=True, timeout=300)

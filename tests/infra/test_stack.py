@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from infra import stack as local_stack
-from infra.compute import NoComputeError, local_device
+from infra.compute.devices import NoComputeError, local_device
+from infra.stack import services as local_stack
 
 
 def test_up_again_reuses_the_running_servers(stack, capsys):

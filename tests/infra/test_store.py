@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import SQLModel
 
-from infra.profiles import SEED_FILE, ProfileError, load_seed, seed_profiles
-from infra.store import Attempt, ComputeProfile, Store
+from infra.compute.profiles import SEED_FILE, ProfileError, load_seed, seed_profiles
+from infra.compute.store import Attempt, ComputeProfile, Store
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 

@@ -1,4 +1,4 @@
-"""The warm-start launcher and server (infra/warm_start.py), with a small module standing in for Prefect's engine:
+"""The warm-start launcher and server (infra/runs/warm_start.py), with a small module standing in for Prefect's engine:
 what the run sees (environment, working directory, stdio), its exit status, signals both ways, and reloading."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from infra import warm_start
+from infra.runs import warm_start
 from infra.settings import ROOT
 
 CHILD = """
@@ -46,7 +46,7 @@ def server(tmp_path: Path):
     """A warm-start server that preloads nothing heavy (json), so each test starts it in a fraction of a second."""
     sock = tmp_path / "warm.sock"
     process = subprocess.Popen(
-        [sys.executable, "-m", "infra.warm_start", "serve", "--socket", str(sock), "--preload", "json"],
+        [sys.executable, "-m", "infra.runs.warm_start", "serve", "--socket", str(sock), "--preload", "json"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -66,7 +66,7 @@ def _wait_for_line(process: subprocess.Popen, text: str) -> None:
 
 def _launch(workdir: Path, sock: Path, *args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "TRAINYARD_WARM_SOCKET": str(sock), "PROBE": "from-the-launcher"}
-    argv = [sys.executable, "-m", "infra.warm_start", "--module", "child", *args]
+    argv = [sys.executable, "-m", "infra.runs.warm_start", "--module", "child", *args]
     return subprocess.Popen(argv, cwd=workdir, env=env, stdout=subprocess.PIPE, text=True, **popen)
 
 
@@ -180,7 +180,16 @@ def test_the_server_runs_the_preloaded_modules_warm_up_hooks_once_for_every_run(
     (tmp_path / "warm_probe.py").write_text("calls = 0\ndef warm_up():\n    global calls\n    calls += 1\n")
     sock = tmp_path / "hooks.sock"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-m", "infra.warm_start", "serve", "--socket", str(sock), "--preload", "json,warm_probe"]
+    argv = [
+        sys.executable,
+        "-m",
+        "infra.runs.warm_start",
+        "serve",
+        "--socket",
+        str(sock),
+        "--preload",
+        "json,warm_probe",
+    ]
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         _wait_for_line(process, "listening")

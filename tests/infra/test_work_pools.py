@@ -1,4 +1,4 @@
-"""Work-pool templates per profile kind, rendered by each worker's own job configuration class, and `infra.apply`
+"""Work-pool templates per profile kind, rendered by each worker's own job configuration class, and `infra.stack.apply`
 against the test session's real Prefect server. No Docker engine, cluster or AWS account is needed: what those would
 receive is checked with the libraries that would send it (docker-py, the ECS worker and botocore's ECS model)."""
 
@@ -11,8 +11,9 @@ import uuid
 
 import pytest
 
-from infra.store import ComputeProfile, Store
-from infra.work_pools import PoolSettings, base_job_template, gpu_workers
+from infra.compute.store import ComputeProfile, Store
+from infra.stack.gpu_workers import gpu_workers
+from infra.stack.work_pools import PoolSettings, base_job_template
 
 KINDS = ["process", "docker", "kubernetes", "ecs"]
 SHARED = "/shared/trainyard/runs"
@@ -34,7 +35,7 @@ def render(configuration_class, template: dict, values: dict, client=None):
 def test_each_template_is_its_workers_default_with_a_valid_variables_schema(kind):
     from prefect.utilities.schema_tools import is_valid_schema
 
-    from infra.work_pools import default_template
+    from infra.stack.work_pools import default_template
 
     template = base_job_template(gpu_profile(kind), SETTINGS)
     stock = default_template(kind)
@@ -62,7 +63,7 @@ def test_a_process_pool_gives_each_run_the_gpu_of_the_worker_that_took_it(monkey
 
 
 def test_a_gpu_host_gets_one_single_run_worker_per_gpu(capsys):
-    from infra.work_pools import main
+    from infra.stack.gpu_workers import main
 
     workers = gpu_workers("gpu-host-0", [0, 1])
     assert [w.extra_env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1"]
@@ -70,7 +71,7 @@ def test_a_gpu_host_gets_one_single_run_worker_per_gpu(capsys):
     for worker in workers:
         argv = " ".join(worker.argv)
         assert "worker start --pool gpu-host-0 --type process" in argv and argv.endswith("--limit 1")
-    assert main(["workers", "--pool", "gpu-host-0", "--gpus", "0,1"]) == 0
+    assert main(["--pool", "gpu-host-0", "--gpus", "0,1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"]
 
@@ -78,11 +79,11 @@ def test_a_gpu_host_gets_one_single_run_worker_per_gpu(capsys):
 def test_gpu_workers_start_with_the_hosts_warm_start_and_stop(client, unique, stack):
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from infra import stack as local_stack
-    from infra.work_pools import main
+    from infra.stack import services as local_stack
+    from infra.stack.gpu_workers import main
 
-    client.create_work_pool(WorkPoolCreate(name=unique, type="process"))  # as `python -m infra.apply` would
-    assert main(["workers", "--pool", unique, "--gpus", "0", "--start"]) == 0
+    client.create_work_pool(WorkPoolCreate(name=unique, type="process"))  # as `python -m infra.stack.apply` would
+    assert main(["--pool", unique, "--gpus", "0", "--start"]) == 0
     [service] = gpu_workers(unique, [0])
     try:
         assert local_stack.running(stack, local_stack.warm_start_service(stack)) is not None
@@ -92,7 +93,7 @@ def test_gpu_workers_start_with_the_hosts_warm_start_and_stop(client, unique, st
         assert [w.name for w in online] == [service.argv[service.argv.index("--name") + 1]]
         assert service.extra_env["TRAINYARD_WARM_SOCKET"] == str(stack.warm_socket)
     finally:
-        assert main(["workers", "--pool", unique, "--gpus", "0", "--stop"]) == 0
+        assert main(["--pool", unique, "--gpus", "0", "--stop"]) == 0
     assert local_stack.running(stack, service) is None
     assert local_stack.running(stack, local_stack.warm_start_service(stack))  # shared with the host's other workers
 
@@ -159,7 +160,7 @@ def test_the_server_accepts_every_kinds_template_and_ecs_gets_the_profiles_crede
     from prefect_aws import AwsCredentials
     from prefect_aws.workers.ecs_worker import ECSJobConfiguration
 
-    from infra.work_pools import WORKER_TYPES
+    from infra.stack.work_pools import WORKER_TYPES
 
     block = AwsCredentials(region_name="eu-west-1").save(unique)
     for kind in KINDS:
@@ -180,11 +181,11 @@ def test_the_server_accepts_every_kinds_template_and_ecs_gets_the_profiles_crede
 
 
 def apply(*args: str) -> tuple[int, dict[str, str]]:
-    """Run `python -m infra.apply ARGS` in-process; its exit code and each pool's and deployment's outcome."""
+    """Run `python -m infra.stack.apply ARGS` in-process; its exit code and each pool's and deployment's outcome."""
     import contextlib
     import io
 
-    from infra.apply import main
+    from infra.stack.apply import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -196,7 +197,7 @@ def apply(*args: str) -> tuple[int, dict[str, str]]:
 def test_apply_creates_pools_and_deployments_once_and_updates_on_a_profile_change(client, unique, tmp_path):
     from prefect.client.schemas.actions import WorkPoolUpdate
 
-    from infra.apply import DEFAULT_IMAGE, PROCESS_PULL_STEPS
+    from infra.stack.apply import DEFAULT_IMAGE, PROCESS_PULL_STEPS
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = Store(url)
@@ -237,7 +238,7 @@ def test_apply_creates_pools_and_deployments_once_and_updates_on_a_profile_chang
 def test_apply_refuses_to_change_a_pools_type_and_names_unknown_profiles(client, unique, tmp_path, capsys):
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from infra.apply import main
+    from infra.stack.apply import main
 
     client.create_work_pool(WorkPoolCreate(name=unique, type="process"))
     url = f"sqlite:///{tmp_path / 'store.db'}"

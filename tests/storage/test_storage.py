@@ -523,7 +523,7 @@ def test_credentials_from_a_prefect_secret_block_for_storage_and_flow_results(
     from prefect_aws import S3Bucket
 
     from infra.settings import RESULTS_BLOCK, Settings
-    from infra.stack import ensure_result_storage
+    from infra.stack.services import ensure_result_storage
 
     name = f"ty-s3-secret-{bucket[-8:]}"
     keys = {"aws_access_key_id": s3_env.access_key, "aws_secret_access_key": s3_env.secret_key}

@@ -23,7 +23,7 @@ from trainers.config import TrainConfig
 from trainers.data.spec import DatasetSpec
 from trainers.data.synthetic import make_shapes_classification
 from trainers.data.validate import load_dataset
-from trainers.export import ParityError, check_onnx_parity
+from trainers.onnx_export import ParityError, check_onnx_parity
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("transformers")
@@ -712,7 +712,7 @@ hf_image.build_model("vit-tiny", ["a", "b"], 32).save_pretrained(tempfile.mkdtem
 
 @pytest.mark.parametrize("process", ["warm", "cold"])
 def test_a_process_warmed_up_like_the_warm_start_server_saves_without_building_transformers_table(process):
-    """What the warm-start server (infra/warm_start.py) saves every training it forks: the hook builds the table
+    """What the warm-start server (infra/runs/warm_start.py) saves every training it forks: the hook builds the table
     that a cold process builds inside its first checkpoint (the cold case shows the test can tell)."""
     import subprocess
     import sys

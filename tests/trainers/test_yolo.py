@@ -17,7 +17,7 @@ from trainers.checkpoints import CheckpointError
 from trainers.config import TrainConfig
 from trainers.data.synthetic import make_shapes_detection
 from trainers.data.validate import load_dataset
-from trainers.export import ParityError, check_onnx_parity, read_label_map, write_label_map
+from trainers.onnx_export import ParityError, check_onnx_parity, read_label_map, write_label_map
 
 pytestmark = pytest.mark.slow
 

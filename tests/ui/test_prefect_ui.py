@@ -17,8 +17,8 @@ from prefect.client.schemas.filters import FlowRunFilter
 
 from flows.monitor import monitor
 from flows.train import train
-from infra.allocation import Need, gpu_lease, publish_inventory
-from infra.gpus import GPU, HostInventory
+from infra.compute.allocation import Need, gpu_lease, publish_inventory
+from infra.compute.gpus import GPU, HostInventory
 
 
 def artifacts_of(flow_run_id) -> dict:

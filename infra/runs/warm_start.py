@@ -5,14 +5,14 @@ A process worker starts `python -m prefect.engine` for every flow run: a new int
 flow and torch (about 6 s on a 2-core machine, twice that with Prefect's workspace supervisor). Trainyard's
 process pools set the job command to this module instead. The launcher is stdlib only:
 
-    python -m infra.warm_start            # the job command: run this flow run's engine, warm when possible
-    python -m infra.warm_start serve      # the server (`make up` starts it next to the worker)
+    python -m infra.runs.warm_start            # the job command: run this flow run's engine, warm when possible
+    python -m infra.runs.warm_start serve      # the server (`make up` starts it next to the worker)
 
 The launcher hands its environment, working directory and stdio to the server, which forks a child that runs
 `prefect.engine` exactly as the cold command would. Without a server (TRAINYARD_WARM_SOCKET unset or nobody
 listening) it starts the cold command as its child, so a pool using it never depends on the server. Either way
 the launcher stays the process the worker watches: it forwards signals (cancellation is SIGTERM) to the child,
-vouches for the run while the child lives (infra/liveness.py: the run's heartbeats come from here, not from the
+vouches for the run while the child lives (infra/runs/liveness.py: the run's heartbeats come from here, not from the
 busy training process) and exits with the child's status.
 
 The server preloads modules once; when a preloaded file of this repository changes, it answers "cold" and
@@ -82,11 +82,11 @@ def launch(argv: list[str]) -> int:
 
 @contextlib.contextmanager
 def _vouching(child: int):
-    """Vouch for this job's run (PREFECT__FLOW_RUN_ID) while `child` runs it (infra/liveness.py). The block sets
+    """Vouch for this job's run (PREFECT__FLOW_RUN_ID) while `child` runs it (infra/runs/liveness.py). The block sets
     the child's exit status on what it yields; the voucher reports it when the block ends."""
     import types
 
-    from infra.liveness import PrefectAPI, Voucher
+    from infra.runs.liveness import PrefectAPI, Voucher
 
     run, api, ended = os.environ.get("PREFECT__FLOW_RUN_ID"), PrefectAPI.from_env(), types.SimpleNamespace(code=1)
     voucher = Voucher(api, run, child).start() if run and api else None
@@ -407,7 +407,18 @@ def _reexec(path: str, preload: tuple[str, ...], children: dict[int, socket.sock
     preload = ",".join(preload)
     os.execv(
         sys.executable,
-        [sys.executable, "-m", "infra.warm_start", "serve", "--socket", path, "--preload", preload, "--adopt", adopt],
+        [
+            sys.executable,
+            "-m",
+            "infra.runs.warm_start",
+            "serve",
+            "--socket",
+            path,
+            "--preload",
+            preload,
+            "--adopt",
+            adopt,
+        ],
     )
 
 
@@ -416,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         import argparse
 
-        parser = argparse.ArgumentParser(prog="python -m infra.warm_start serve", description=__doc__.split("\n")[0])
+        parser = argparse.ArgumentParser(
+            prog="python -m infra.runs.warm_start serve", description=__doc__.split("\n")[0]
+        )
         parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV), required=not os.environ.get(SOCKET_ENV))
         parser.add_argument("--preload", default=",".join(PRELOAD), help="modules to import once (comma-separated)")
         parser.add_argument("--adopt", default="", help=argparse.SUPPRESS)

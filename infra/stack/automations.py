@@ -1,10 +1,10 @@
 """Automations Trainyard's setup creates on the Prefect server.
 
 Zombie runs: a flow run whose host or worker died stays Running for ever. Heartbeats say a run lives: its launcher
-sends one every 10 s for as long as the run's process lives (infra/liveness.py), and Prefect's engine one every
+sends one every 10 s for as long as the run's process lives (infra/runs/liveness.py), and Prefect's engine one every
 PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30, set for the worker by the stack; the only ones of container pools).
 This automation marks a run Crashed when they stop for ZOMBIE_AFTER, so fallback and cleanup can act on it, once
-infra/fencing.py has made sure its process is gone. A paused (Suspended) run has no process and sends none: it is
+infra/runs/fencing.py has made sure its process is gone. A paused (Suspended) run has no process and sends none: it is
 not a zombie.
 """
 
@@ -24,9 +24,9 @@ ALIVE_OR_ENDED = {
     "prefect.flow-run.Crashed",
     "prefect.flow-run.Suspended",  # paused by the user: the process left on purpose
     "prefect.flow-run.Paused",
-    "trainyard.flow-run.paused",  # tasks.control.PAUSED_EVENT: sent as a paused run's process leaves
-    "trainyard.flow-run.exited",  # infra.liveness.EXITED: its launcher saw the process end
-    "trainyard.flow-run.fenced",  # infra.liveness.FENCED: its launcher killed it after a Crashed verdict
+    "trainyard.flow-run.paused",  # tasks.control_watch.PAUSED_EVENT: sent as a paused run's process leaves
+    "trainyard.flow-run.exited",  # infra.runs.liveness.EXITED: its launcher saw the process end
+    "trainyard.flow-run.fenced",  # infra.runs.liveness.FENCED: its launcher killed it after a Crashed verdict
 }
 
 

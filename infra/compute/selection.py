@@ -1,7 +1,7 @@
 """Which compute profile runs a training request: eligibility, strategy order, cost estimates.
 
 Pure logic: profiles, observed pool states and the request's needs in; a ranking with a reason for every profile out.
-No Prefect, no I/O: `infra.pools.observe` gathers the states, the train flow acts on the ranking.
+No Prefect, no I/O: `infra.compute.pool_health.observe` gathers the states, the train flow acts on the ranking.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, get_args
 
-from infra.store import Attempt, ComputeProfile
+from infra.compute.store import Attempt, ComputeProfile
 
 Strategy = Literal["preferred", "cheapest", "fastest", "queue"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -35,7 +35,7 @@ class Needs:
 
 @dataclass(frozen=True)
 class PoolState:
-    """A profile's work pool and deployment as observed now (see infra.pools.observe)."""
+    """A profile's work pool and deployment as observed now (see infra.compute.pool_health.observe)."""
 
     ready: bool  # the pool exists, is not paused and has at least one online worker
     online_workers: int
@@ -162,7 +162,7 @@ def rank_profiles(
             fitting.append(profile)
     if not fitting:
         detail = "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "there are no compute profiles"
-        hint = "Ask for fewer resources, or add/enable a profile that has them (python -m infra.profiles)."
+        hint = "Ask for fewer resources, or add/enable a profile that has them (python -m infra.compute.profiles)."
         raise UnsatisfiableRequest(f"no enabled compute profile can ever satisfy {needs}: {detail}. {hint}")
 
     cheapest = min(fitting, key=lambda p: (estimates[p.name], -p.speed, p.priority, p.name))

@@ -8,7 +8,7 @@ renewing: the server revokes its lease when it expires (LEASE_S, then the reposs
 
 A request that can never fit this host (more GPUs, GPU memory, RAM or cores than it has) fails at once; one that
 fits later waits in line, first come first served, its position in its log; one that needs more free disk than
-there is is refused. The line is kept in the platform store (infra/store.py), shared by the hosts that share it.
+there is is refused. The line is kept in the platform store (infra/compute/store.py), shared by the hosts that share it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from infra.gpus import GPU, HostInventory
+from infra.compute.gpus import GPU, HostInventory
 
 LEASE_S = 60  # the shortest lease Prefect accepts
 POLL_S = 0.5  # how often a waiting request looks again
@@ -194,7 +194,7 @@ class _WaitingLine:
     REFRESH_S = 2.0
 
     def __init__(self, host: str, need: str) -> None:
-        from infra.store import Store
+        from infra.compute.store import Store
 
         self.host, self.need, self.store = host, need, Store.shared()
 

@@ -1,12 +1,13 @@
 """Compute profiles in the platform store: validation, the YAML seed, and the command line.
 
-    python -m infra.profiles list
-    python -m infra.profiles show local
-    python -m infra.profiles add gpu-box --kind process --work-pool gpu-box --gpu-count 1 --gpu-memory-gb 24 --speed 8
-    python -m infra.profiles set gpu-box price_per_hour=0.5 enabled=true credential_blocks=secret/gpu-box
-    python -m infra.profiles remove gpu-box
-    python -m infra.profiles seed [--file infra/profiles.yaml]
-    python -m infra.profiles attempts [--request ID]
+    python -m infra.compute.profiles list
+    python -m infra.compute.profiles show local
+    python -m infra.compute.profiles add gpu-box --kind process --work-pool gpu-box --gpu-count 1 \
+        --gpu-memory-gb 24 --speed 8
+    python -m infra.compute.profiles set gpu-box price_per_hour=0.5 enabled=true credential_blocks=secret/gpu-box
+    python -m infra.compute.profiles remove gpu-box
+    python -m infra.compute.profiles seed [--file infra/profiles.yaml]
+    python -m infra.compute.profiles attempts [--request ID]
 
 `--url` (before the command) overrides TRAINYARD_STORE_URL. Errors exit with status 2 and one line saying why.
 """
@@ -28,8 +29,8 @@ import yaml
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from infra.compute.store import Attempt, ComputeProfile, ProfileKind, Store, store_url
 from infra.settings import ROOT
-from infra.store import Attempt, ComputeProfile, ProfileKind, Store, store_url
 
 SEED_FILE = ROOT / "infra" / "profiles.yaml"
 KINDS: tuple[str, ...] = get_args(ProfileKind)
@@ -280,7 +281,9 @@ def _attempts_table(attempts: list[Attempt]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m infra.profiles", description="Manage Trainyard compute profiles.")
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.compute.profiles", description="Manage Trainyard compute profiles."
+    )
     parser.add_argument("--url", help="platform store URL (default: $TRAINYARD_STORE_URL or SQLite in TRAINYARD_HOME)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # --url is also accepted after the command; there it overrides the one before only when given.
@@ -318,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
 def _existing(store: Store, name: str) -> ComputeProfile:
     profile = store.profile(name)
     if profile is None:
-        known = ", ".join(p.name for p in store.profiles()) or "none; run `python -m infra.profiles seed`"
+        known = ", ".join(p.name for p in store.profiles()) or "none; run `python -m infra.compute.profiles seed`"
         raise ProfileError(f"unknown profile {name!r}; known: {known}")
     return profile
 
@@ -326,7 +329,7 @@ def _existing(store: Store, name: str) -> ComputeProfile:
 def _run(args: argparse.Namespace, store: Store) -> None:
     if args.command == "list":
         profiles = store.profiles()
-        print(_profiles_table(profiles) if profiles else "no profiles; run `python -m infra.profiles seed`")
+        print(_profiles_table(profiles) if profiles else "no profiles; run `python -m infra.compute.profiles seed`")
     elif args.command == "show":
         print(
             yaml.safe_dump({"name": args.name} | profile_fields(_existing(store, args.name)), sort_keys=False), end=""

@@ -5,7 +5,7 @@ lock and CPU time like the training does: every one of its 30 one-second sleeps 
 training that holds the lock in C calls, or a machine that starves the process, delays the heartbeat past the
 zombie window and the run is marked Crashed while it trains (docs/monitoring.md, "Why runs were marked Crashed").
 
-The launcher (`python -m infra.warm_start`, the job command of Trainyard's process pools) is the process the
+The launcher (`python -m infra.runs.warm_start`, the job command of Trainyard's process pools) is the process the
 worker starts and watches. It does nothing but wait for the run's process, so it is never short of the lock and
 needs microseconds of CPU. A `Voucher` thread in it posts the same `prefect.flow-run.heartbeat` event every
 HEARTBEAT_S on the run's behalf, with its host and the pids, and reads the run's state:
@@ -14,7 +14,7 @@ HEARTBEAT_S on the run's behalf, with its host and the pids, and reads the run's
   it kills the run's process group and says so (FENCED), so a fallback never trains beside it;
 - when the server is on another host and has accepted no heartbeat for SELF_FENCE_S (this host is cut off), it
   fences too, for the same reason: the control host then takes the run as gone once its launcher has been silent
-  longer than that (infra/fencing.py). A server on this host cannot be cut off from it: a slow one (SQLite's lock
+  longer than that (infra/runs/fencing.py). A server on this host cannot be cut off from it: a slow one (SQLite's lock
   under load) is waited for, never taken for a partition;
 - when the process ends, it says so (EXITED), and sends nothing more.
 tasks/placement.py reads these events before it starts a second attempt (`infra.liveness_check`).

@@ -145,7 +145,7 @@ class Store:
 
     def seed(self, path: str | os.PathLike | None = None) -> list[str]:
         """Insert the profiles of a YAML seed (default infra/profiles.yaml) that the store lacks; the added names."""
-        from infra.profiles import seed_profiles
+        from infra.compute.profiles import seed_profiles
 
         return seed_profiles(self, path).added
 

@@ -1,6 +1,6 @@
 """What Prefect says now about each compute profile: its work pool, workers, active runs and credential blocks.
 
-`observe` feeds `infra.selection.rank_profiles`. It reads, never writes, with a handful of API calls whatever the
+`observe` feeds `selection.rank_profiles`. It reads, never writes, with a handful of API calls whatever the
 number of profiles: one for all pools, one per READY pool (its online workers), one per flow name (deployments),
 one page of active flow runs per 200, one per distinct credential block.
 """
@@ -29,8 +29,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType, WorkerStatus, WorkPool, WorkPoolStatus
 from prefect.exceptions import ObjectNotFound
 
-from infra.selection import PoolState
-from infra.store import ComputeProfile
+from infra.compute.selection import PoolState
+from infra.compute.store import ComputeProfile
 
 # A training-step run in these states holds one of its profile's slots. Scheduled runs do not: a run waiting for a
 # worker is the fallback logic's to cancel, and counting it would also count far-future scheduled runs.

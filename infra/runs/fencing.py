@@ -2,7 +2,7 @@
 
 The zombie automation declares a run dead when its heartbeats stop. A second attempt of the same request (fallback)
 or another run on its GPU (cleanup) must wait until the crashed run's process is really gone, or two trainings would
-write the same checkpoints or share a GPU. Its launcher (infra/liveness.py) says what it knows in events:
+write the same checkpoints or share a GPU. Its launcher (infra/runs/liveness.py) says what it knows in events:
 - EXITED or FENCED after the verdict: gone, its host says so;
 - its heartbeat payload names its host and pid: on this host, the process is looked at (and killed if it lives);
 - silence: a launcher on another host that cannot reach the server kills its run after SELF_FENCE_S, so one silent
@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 import psutil
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventOrder, EventResourceFilter
 
-from infra.liveness import EXITED, FENCED, HEARTBEAT, SELF_FENCE_S, VOUCHER, kill_group
+from infra.runs.liveness import EXITED, FENCED, HEARTBEAT, SELF_FENCE_S, VOUCHER, kill_group
 
 # A launcher on another host silent this long has fenced its run (SELF_FENCE_S), even on a busy machine that ran it
 # late. The zombie verdict comes 60 s after its last heartbeat, so this delays a fallback by about 20 s at most.

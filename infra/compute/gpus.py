@@ -3,7 +3,7 @@
 A host without an NVIDIA GPU or driver is a normal case, not an error: ``discover`` then returns no GPUs and a
 short ``note`` saying why, logs at most one debug line and raises nothing.
 
-    python -m infra.gpus [--json] [--path P]
+    python -m infra.compute.gpus [--json] [--path P]
 """
 
 from __future__ import annotations
@@ -206,7 +206,9 @@ def format_table(inventory: HostInventory) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.gpus", description="Show this host's GPUs, CPU, RAM, disk.")
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.compute.gpus", description="Show this host's GPUs, CPU, RAM, disk."
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--path", default=".", help="where to measure free disk space (default: .)")
     args = parser.parse_args(argv)

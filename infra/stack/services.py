@@ -29,9 +29,9 @@ from pathlib import Path
 
 import psutil
 
-from infra import embedded_postgres
-from infra.automations import HEARTBEAT_S, ensure_zombie_automation
 from infra.settings import RESULTS_BLOCK, ROOT, Database, Settings, SettingsError, s3_endpoint_url
+from infra.stack import embedded_postgres
+from infra.stack.automations import HEARTBEAT_S, ensure_zombie_automation
 
 BIN = Path(sys.executable).parent
 
@@ -115,10 +115,10 @@ def _mlflow_artifact_arguments(settings: Settings) -> list[str]:
 
 def warm_start_service(settings: Settings) -> Service:
     """Forks each flow run of this host's process workers from a process with Prefect, torch and the flows
-    imported (infra/warm_start.py): a run starts in milliseconds instead of seconds."""
+    imported (infra/runs/warm_start.py): a run starts in milliseconds instead of seconds."""
     return Service(
         "warm-start",
-        [sys.executable, "-m", "infra.warm_start", "serve", "--socket", str(settings.warm_socket)],
+        [sys.executable, "-m", "infra.runs.warm_start", "serve", "--socket", str(settings.warm_socket)],
         None,
         None,
         _run_env(settings),
@@ -131,7 +131,7 @@ def _run_env(settings: Settings) -> dict[str, str]:
         # Runs it starts send heartbeats; the zombie automation marks them Crashed when those stop.
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
         "PREFECT_HOME": str(settings.home / "prefect"),
-        # The job command `python -m infra.warm_start` (infra/work_pools.py) is this virtualenv's Python.
+        # The job command `python -m infra.runs.warm_start` (infra/stack/work_pools.py) is this virtualenv's Python.
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "TRAINYARD_WARM_SOCKET": str(settings.warm_socket),
         # The platform store on PostgreSQL (shared setup): its password, if the URL has one.
@@ -250,12 +250,12 @@ def _wait_healthy(settings: Settings, service: Service, timeout: float = 300) ->
 
 
 def ensure_work_pool(settings: Settings) -> None:
-    """The local process pool, its job command the warm-start launcher (`infra.apply` gives it the same)."""
+    """The local process pool, its job command the warm-start launcher (`infra.stack.apply` gives it the same)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from infra.work_pools import WARM_START_COMMAND, default_template
+    from infra.stack.work_pools import WARM_START_COMMAND, default_template
 
     template = default_template("process")
     template["variables"]["properties"]["command"]["default"] = WARM_START_COMMAND
@@ -331,7 +331,7 @@ def up(
         if settings.artifact_store:
             ensure_result_storage(settings)
         if settings.database:
-            from infra.store import Store
+            from infra.compute.store import Store
 
             Store()  # its tables, once here: twenty flow runs creating them at once would race
     elif settings.artifact_store:
@@ -515,7 +515,7 @@ def check_result_storage(settings: Settings) -> None:
 def check_training_host(settings: Settings) -> None:
     """What this host's flow runs will need on their own, checked before its worker starts: the platform store's
     database with this host's password, and, with direct MLflow artifacts, S3 credentials that reach the bucket."""
-    from infra.mlflow_artifacts import MissingS3Credentials, require_s3_credentials
+    from infra.storage.mlflow_artifacts import MissingS3Credentials, require_s3_credentials
 
     if settings.database and not settings.own_store_url:
         _connect_postgres(settings.database, (settings.database.name,)).close()

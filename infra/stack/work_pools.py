@@ -1,11 +1,10 @@
-"""Base job templates for the compute profiles' work pools, and the per-GPU process workers of a GPU host.
+"""Base job templates for the compute profiles' work pools (the per-GPU workers of a GPU host: gpu_workers.py).
 
 Each template starts from its worker's own default (`<Worker>.get_default_base_job_template()`) and changes only
 what a profile decides: GPUs, CPU and memory, the shared checkpoint directory, the environment. Nothing generated is
-kept in git: `python -m infra.apply` regenerates the templates from the profiles in the platform store.
+kept in git: `python -m infra.stack.apply` regenerates the templates from the profiles in the platform store.
 
-    python -m infra.work_pools show PROFILE                        # the template apply would give PROFILE's pool
-    python -m infra.work_pools workers --pool gpu-host-0 --gpus 0,1 [--start | --stop]
+    python -m infra.stack.work_pools show PROFILE                        # the template apply would give PROFILE's pool
 
 Settings (environment, read when a template is generated):
     TRAINYARD_CHECKPOINT_DIR  the runs directory of the host where the train flow runs (default: this host's
@@ -20,20 +19,19 @@ import argparse
 import copy
 import json
 import os
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from infra.compute.store import ComputeProfile, Store
 from infra.settings import Settings
-from infra.store import ComputeProfile, Store
 
 IMAGE_WORKDIR = "/opt/trainyard"  # where infra/docker/Dockerfile puts the code; the container deployments' path
 IMAGE_UID = 1000  # the Dockerfile's non-root user
 CHECKPOINT_VOLUME = "checkpoints"
 WORKER_TYPES = {"process": "process", "docker": "docker", "kubernetes": "kubernetes", "ecs": "ecs"}
-# The variables whose defaults a profile decides, per kind. `infra.apply` resets these; a default set on any other
+# The variables whose defaults a profile decides, per kind. `infra.stack.apply` resets these; a default set on any other
 # variable of the pool (in the UI or the API: an ECS cluster, a Kubernetes namespace...) is kept.
 MANAGED_VARIABLES = {
     "process": {"env", "command"},
@@ -41,7 +39,7 @@ MANAGED_VARIABLES = {
     "kubernetes": {"cpu_request", "memory_request", "memory_limit", "env", "cluster_config"},
     "ecs": {"launch_type", "cpu", "memory", "env", "aws_credentials"},
 }
-WARM_START_COMMAND = "python -m infra.warm_start"
+WARM_START_COMMAND = "python -m infra.runs.warm_start"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # set by NVIDIA GPU feature discovery / the GPU operator
 
@@ -116,7 +114,7 @@ def process_template(profile: ComputeProfile, settings: PoolSettings) -> dict[st
     `workers --gpus 0,1` (CUDA_VISIBLE_DEVICES=0 and =1) gives each run one GPU, which the trainer sees as cuda:0.
     A worker started without it gives its runs no GPU rather than all of them.
 
-    The command is the warm-start launcher (infra/warm_start.py): a run forks from a server that has Prefect, torch
+    The command is the warm-start launcher (infra/runs/warm_start.py): a run forks from a server that has Prefect, torch
     and the flows imported, or starts cold when the host has none. `python` is the worker's: workers started by
     Trainyard have their virtualenv first on PATH.
     """
@@ -218,97 +216,19 @@ def keep_owner_defaults(desired: dict[str, Any], existing: dict[str, Any] | None
     return merged
 
 
-# --- one process worker per GPU ---------------------------------------------------------------------------------
-
-
-def gpu_indices(spec: str) -> list[int]:
-    """'0,1' -> [0, 1]; 'all' -> every GPU NVML sees on this host."""
-    if spec != "all":
-        return [int(part) for part in spec.split(",") if part.strip()]
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return list(range(pynvml.nvmlDeviceGetCount()))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as error:  # no driver, no GPU
-        raise SystemExit(f"--gpus all: cannot count GPUs on this host ({error}); pass --gpus 0,1,...") from error
-
-
-def gpu_workers(pool: str, gpus: list[int], settings: Settings | None = None) -> list[Any]:
-    """One `prefect worker start` per GPU, pinned with CUDA_VISIBLE_DEVICES and taking one run at a time."""
-    from infra import stack
-
-    settings = settings or Settings.from_env()
-    base_env = stack.services(settings)[2].extra_env  # the local worker's polling and PREFECT_HOME
-    host = socket.gethostname()
-    return [
-        stack.Service(
-            name=f"worker-{pool}-gpu{gpu}",
-            argv=[
-                str(stack.BIN / "prefect"),
-                "worker",
-                "start",
-                "--pool",
-                pool,
-                "--type",
-                "process",
-                "--name",
-                f"{host}-{pool}-gpu{gpu}",
-                "--limit",
-                "1",
-            ],
-            port=None,
-            health_url=None,
-            extra_env={**base_env, "CUDA_VISIBLE_DEVICES": str(gpu)},
-        )
-        for gpu in gpus
-    ]
-
-
-def _command_line(service: Any) -> str:
-    argv = " ".join(service.argv[1:])
-    return f"CUDA_VISIBLE_DEVICES={service.extra_env['CUDA_VISIBLE_DEVICES']} prefect {argv}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.work_pools", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m infra.stack.work_pools", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="print the base job template of a profile's pool (JSON)")
     show.add_argument("profile")
     show.add_argument("--url", help="platform store URL (default TRAINYARD_STORE_URL)")
-    workers = commands.add_parser("workers", help="one process worker per GPU on this host")
-    workers.add_argument("--pool", required=True)
-    workers.add_argument("--gpus", default="all", help="GPU indices, e.g. 0,1 (default: every GPU on this host)")
-    action = workers.add_mutually_exclusive_group()
-    action.add_argument("--start", action="store_true", help="start them (logs and pids under TRAINYARD_HOME)")
-    action.add_argument("--stop", action="store_true", help="stop the ones --start started")
     args = parser.parse_args(argv)
 
-    if args.command == "show":
-        profile = Store(args.url).profile(args.profile)
-        if profile is None:
-            print(f"error: no profile {args.profile!r} in the store", file=sys.stderr)
-            return 2
-        print(json.dumps(base_job_template(profile), indent=2))
-        return 0
-
-    from infra import stack
-
-    settings = Settings.from_env()
-    services = gpu_workers(args.pool, gpu_indices(args.gpus), settings)
-    if args.start:  # the host's warm-start server first (reused when `make up` already started it)
-        settings.home.mkdir(parents=True, exist_ok=True)
-        stack.start(settings, stack.warm_start_service(settings))
-    for service in services:
-        if args.start:
-            stack.start(settings, service)
-        elif args.stop:
-            stack.stop(settings, service)
-        else:
-            print(_command_line(service))
+    profile = Store(args.url).profile(args.profile)
+    if profile is None:
+        print(f"error: no profile {args.profile!r} in the store", file=sys.stderr)
+        return 2
+    print(json.dumps(base_job_template(profile), indent=2))
     return 0
 
 

@@ -1,9 +1,9 @@
 """Create or update every enabled compute profile's work pool and its training-step deployment, from the store.
 
-    python -m infra.apply [--url STORE_URL] [--only NAME ...] [--include-disabled] [--image [PROFILE=]IMAGE ...]
+    python -m infra.stack.apply [--url STORE_URL] [--only NAME ...] [--include-disabled] [--image [PROFILE=]IMAGE ...]
 
 Idempotent: each pool and deployment is reported as created, updated or unchanged; a second run changes nothing.
-Pools get `infra.work_pools.base_job_template(profile)`; defaults their owner set on other variables (an ECS cluster,
+Pools get `work_pools.base_job_template(profile)`; defaults their owner set on other variables (an ECS cluster,
 a Kubernetes namespace) are kept. The deployment "train-step/<profile>" runs flows/train_step.py:train_step on the
 pool: from the host's checkout ($TRAINYARD_ROOT on the worker) for process pools, from the image for the others.
 
@@ -30,9 +30,9 @@ from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_arguments_from_entrypoint
 from prefect.utilities.callables import parameter_schema_from_entrypoint
 
+from infra.compute.store import ComputeProfile, Store
 from infra.settings import ROOT
-from infra.store import ComputeProfile, Store
-from infra.work_pools import IMAGE_WORKDIR, WORKER_TYPES, PoolSettings, base_job_template, keep_owner_defaults
+from infra.stack.work_pools import IMAGE_WORKDIR, WORKER_TYPES, PoolSettings, base_job_template, keep_owner_defaults
 
 ENTRYPOINT = "flows/train_step.py:train_step"
 DEFAULT_IMAGE = "trainyard-train:latest"
@@ -186,7 +186,9 @@ async def apply_profiles(
             pools.setdefault(profile.work_pool, (profile, template))
         for pool, (profile, template) in pools.items():
             names = ", ".join(p.name for p in profiles if p.work_pool == pool)
-            description = f"Trainyard compute profile {names} ({profile.kind}); template from python -m infra.apply"
+            description = (
+                f"Trainyard compute profile {names} ({profile.kind}); template from python -m infra.stack.apply"
+            )
             done(await _apply_pool(client, pool, profile.kind, template, description))
         for profile in profiles:
             done(await _apply_deployment(client, profile, deployment_fields(profile, images)))
@@ -220,7 +222,7 @@ def _parse_images(values: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.apply", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m infra.stack.apply", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="platform store URL (default TRAINYARD_STORE_URL, else the local SQLite store)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="apply these profiles only")
     parser.add_argument("--include-disabled", action="store_true", help="apply disabled profiles too")
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"  note: {note}")
     if not profiles:
-        print("  nothing to apply: no enabled profile (python -m infra.profiles, or --include-disabled)")
+        print("  nothing to apply: no enabled profile (python -m infra.compute.profiles, or --include-disabled)")
     return 0
 
 

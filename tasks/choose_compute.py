@@ -7,10 +7,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import deployment, flow_run
 
-from infra.pools import observe
-from infra.selection import Needs, PoolState, Ranking, estimate_hours, rank_profiles
+from infra.compute.pool_health import observe
+from infra.compute.selection import Needs, PoolState, Ranking, estimate_hours, rank_profiles
+from infra.compute.store import ComputeProfile, Store
 from infra.settings import ROOT, Settings
-from infra.store import ComputeProfile, Store
 
 SEED_PROFILES = ROOT / "infra" / "profiles.yaml"
 
@@ -103,7 +103,7 @@ def _requested(profiles: list[ComputeProfile], names: list[str]) -> list[Compute
     if unknown:
         raise ValueError(
             f"unknown compute profile(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} "
-            "(see `python -m infra.profiles list`)"
+            "(see `python -m infra.compute.profiles list`)"
         )
     return [profile for profile in profiles if profile.name in names]
 
