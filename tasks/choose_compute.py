@@ -8,6 +8,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import deployment, flow_run
 
 from infra.compute.pool_health import observe
+from infra.compute.profiles import seed_profiles
 from infra.compute.selection import Needs, PoolState, Ranking, estimate_hours, rank_profiles
 from infra.compute.store import ComputeProfile, Store
 from infra.settings import ROOT, Settings
@@ -72,7 +73,7 @@ def rank(request, dataset_version: str, store: Store) -> Ranking:
 def select_compute(request, dataset_version: str) -> Ranking:
     store = Store.shared()
     if not store.profiles():  # first use: the seed file; afterwards the store is the user's to edit
-        store.seed(SEED_PROFILES)
+        seed_profiles(store, SEED_PROFILES)
     ranking = rank(request, dataset_version, store)
     chosen = ranking.candidates[0].name if ranking.candidates else None
     queueing = request.compute.strategy == "queue" and ranking.waiting

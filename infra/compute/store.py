@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Literal
@@ -35,7 +35,10 @@ Outcome = Literal[
 
 
 class ComputeProfile(SQLModel, table=True):
-    """A named place to train: a Prefect work pool and the training-step deployment that runs there."""
+    """A named place to train: a Prefect work pool and the training-step deployment that runs there.
+
+    The store row only: every profile is validated by infra.compute.profiles.ProfileSpec (the same fields, with
+    their rules) before it is saved here."""
 
     __tablename__ = "compute_profiles"
 
@@ -143,11 +146,17 @@ class Store:
                 return False
             return True
 
-    def seed(self, path: str | os.PathLike | None = None) -> list[str]:
-        """Insert the profiles of a YAML seed (default infra/profiles.yaml) that the store lacks; the added names."""
-        from infra.compute.profiles import seed_profiles
-
-        return seed_profiles(self, path).added
+    def apply_profile_changes(self, save: Iterable[ComputeProfile], remove: Iterable[str]) -> None:
+        """Insert or overwrite the `save` profiles and delete the `remove` names, in one transaction (an import
+        applies entirely or not at all). The YAML file and its validation: infra.compute.profiles."""
+        with self.session() as session:
+            for profile in save:
+                session.merge(profile)
+            for name in remove:
+                profile = session.get(ComputeProfile, name)
+                if profile is not None:
+                    session.delete(profile)
+            session.commit()
 
     def remove_profile(self, name: str) -> bool:
         with self.session() as session:

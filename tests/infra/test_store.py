@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
-from infra.compute.profiles import SEED_FILE, ProfileError, load_seed, seed_profiles
+from infra.compute.profiles import SEED_FILE, ProfileError, compare, load_seed, seed_profiles, validate_profile
 from infra.compute.store import Attempt, ComputeProfile, Store
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
@@ -66,7 +67,7 @@ def test_profile_crud(store: Store):
 
 
 def test_seed_inserts_what_is_missing_and_never_overwrites_edits(store: Store):
-    assert store.seed(SEED_FILE) == ["local", "gpu-host-0", "docker-gpu", "k8s-a100", "ecs-g5"]
+    assert seed_profiles(store, SEED_FILE).added == ["local", "gpu-host-0", "docker-gpu", "k8s-a100", "ecs-g5"]
     local = store.profile("local")
     assert (local.work_pool, local.deployment, local.cpu_cores, local.ram_gb) == (
         "trainyard-local",
@@ -98,8 +99,23 @@ def test_seed_inserts_what_is_missing_and_never_overwrites_edits(store: Store):
         ("profiles:\n  box:\n    work_pool: box\n    enabled: 'yes please'\n", "profile 'box': field 'enabled'"),
         ("profiles:\n  box:\n    kind: process\n", "profile 'box': field 'work_pool' is required"),
         ("- not a mapping\n", "'profiles:' mapping"),
+        (
+            "profiles:\n  box:\n    work_pool: box\n    gpu_count: '1'\n",
+            "profile 'box': field 'gpu_count' must be an integer, got '1' .*fix it there",
+        ),
+        ("profiles:\n  box:\n    work_pool: a\n  box:\n    work_pool: b\n", "line 4.*'box' is given twice"),
+        ("profiles: {}\nprofile: {}\n", "unknown top-level key.*'profile'"),
     ],
-    ids=["unknown-field", "wrong-type", "not-a-boolean", "missing-pool", "not-a-mapping"],
+    ids=[
+        "unknown-field",
+        "wrong-type",
+        "not-a-boolean",
+        "missing-pool",
+        "not-a-mapping",
+        "quoted-number",
+        "profile-given-twice",
+        "unknown-top-level-key",
+    ],
 )
 def test_seed_rejects_unknown_fields_and_wrong_types_naming_them(tmp_path: Path, text: str, message: str):
     seed = tmp_path / "profiles.yaml"
@@ -112,6 +128,31 @@ def test_a_seeded_profile_defaults_its_deployment_to_train_step_of_its_name(tmp_
     seed = tmp_path / "profiles.yaml"
     seed.write_text("profiles:\n  box:\n    work_pool: box\n")
     assert load_seed(seed)[0].deployment == "train-step/box"
+
+
+def test_profile_changes_apply_in_one_transaction(store: Store):
+    for name in ("a", "b", "c"):
+        store.save_profile(ComputeProfile(name=name, work_pool=f"pool-{name}", deployment=f"train-step/{name}"))
+    changed = store.profile("a")
+    changed.speed = 3.0
+    new = ComputeProfile(name="d", work_pool="pool-d", deployment="train-step/d")
+    store.apply_profile_changes(save=[changed, new], remove=["b", "no-such"])
+    assert sorted(p.name for p in store.profiles()) == ["a", "c", "d"] and store.profile("a").speed == 3.0
+
+    broken = ComputeProfile(name="e", work_pool=None, deployment="train-step/e")  # NOT NULL: the commit fails
+    with pytest.raises(IntegrityError):
+        store.apply_profile_changes(save=[broken], remove=["c"])
+    assert sorted(p.name for p in store.profiles()) == ["a", "c", "d"]  # nothing of it applied
+
+
+def test_compare_names_each_profile_and_field_that_differs():
+    file_ = [validate_profile("a", {"work_pool": "p", "speed": 2}), validate_profile("b", {"work_pool": "p"})]
+    store_ = [validate_profile("a", {"work_pool": "p", "speed": 3.0}), validate_profile("c", {"work_pool": "p"})]
+    comparison = compare(file_, store_)
+    assert [p.name for p in comparison.only_in_file] == ["b"] and [p.name for p in comparison.only_in_store] == ["c"]
+    [(defined, stored, fields)] = comparison.changed
+    assert (defined.speed, stored.speed, fields) == (2.0, 3.0, ["speed"])
+    assert not compare(file_, file_) and compare(file_, file_).same == ["a", "b"]
 
 
 def test_attempts_ledger_round_trip_with_timestamps(store: Store):
