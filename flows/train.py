@@ -18,11 +18,9 @@ from infra.settings import Settings
 from tasks.choose_compute import select_compute
 from tasks.control_watch import paused_training_suspends_the_run
 from tasks.dataset import prepare_dataset, publish_dataset_stats
-from tasks.evaluation import evaluate_model
-from tasks.export import export_model
 from tasks.placement import train_on_compute
 from tasks.register import register_model
-from tasks.remote_storage import artifact_store, check_artifact_store, is_remote, sync_dataset, upload_model
+from tasks.remote_storage import artifact_store, check_artifact_store, is_remote, sync_dataset
 from tasks.report import publish_summary
 from tasks.tracking import end_runs_left_running, pipeline_run
 from trainers.registry import trainer_spec
@@ -34,7 +32,7 @@ class TrainSummary:
     mlflow_run_url: str
     model_name: str
     model_version: str
-    onnx_path: str
+    onnx_path: str  # on the host that trained it
     onnx_uri: str | None  # in the artifact store, when there is one
     metrics: dict[str, float]
     compute_reasons: dict[str, str]  # every profile and why it was (not) chosen
@@ -61,14 +59,10 @@ def train(**parameters) -> TrainSummary:
 
     # A pause (Prefect UI or CLI) checkpoints and suspends the run; Resume runs this flow again, which resumes.
     with paused_training_suspends_the_run(), pipeline_run(request, dataset, ranking) as run_id:
-        result = train_on_compute(request, dataset, ranking, output_dir, run_id)
-        metrics = evaluate_model(request, dataset, output_dir, result, run_id)
-        exported = export_model(request, dataset, output_dir, result, run_id)
-        stored = upload_model(request, result, exported, run, run_id) if artifact_store() else None
-        model = register_model(request, result, exported, run_id)
-        run_url = publish_summary(request, run_id, metrics, exported, model, stored)
+        step = train_on_compute(request, dataset, ranking, output_dir, run_id)  # train, evaluate, export
+        model = register_model(request, step, run_id)
+        run_url = publish_summary(request, run_id, step, model)
 
-    onnx_uri = stored.onnx_uri if stored else None
-    return TrainSummary(
-        run_id, run_url, model.name, model.version, str(exported.onnx_path), onnx_uri, metrics, ranking.reasons
-    )
+    onnx_uri = step.stored.onnx_uri if step.stored else None
+    onnx_path = str(step.exported.onnx_path)
+    return TrainSummary(run_id, run_url, model.name, model.version, onnx_path, onnx_uri, step.metrics, ranking.reasons)

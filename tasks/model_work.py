@@ -79,10 +79,12 @@ def train_evaluate_export(
     if mirror is not None:
         mlflow.set_tag("checkpoints.uri", mirror.uri)
         restore_checkpoints(mirror)
-    with CheckpointUploads(mirror) as uploads:  # outermost: the last upload finishes after the GPUs are released
-        with held_resources(request, output_dir, run_id, request_id) as device:  # one lease: train and evaluate
-            result = train_model(request, dataset, output_dir, run_id, device, uploads, request_run_id)
-            metrics = evaluate_model(request, dataset, output_dir, result, run_id, device)
+    with (
+        CheckpointUploads(mirror) as uploads,  # outermost: the last upload finishes after the GPUs are released
+        held_resources(request, output_dir, run_id, request_id) as device,  # one lease: training and evaluation
+    ):
+        result = train_model(request, dataset, output_dir, run_id, device, uploads, request_run_id)
+        metrics = evaluate_model(request, dataset, output_dir, result, run_id, device)
     exported = export_model(request, dataset, output_dir, result, run_id)  # on the CPU
     stored = upload_model(request, result, exported, request_id, run_id) if artifact_store() else None
     log_model(result, exported, run_id, checkpoint_uri=stored.checkpoint_uri if stored else None)

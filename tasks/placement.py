@@ -1,4 +1,5 @@
-"""Stage 3: run the training step on the best compute profile, and on the next one when that place fails.
+"""Stages 3-5: run the training step (train, evaluate, export) on the best compute profile, and on the next one
+when that place fails.
 
 Each attempt ends one way, and each is recorded in the attempts ledger, a table artifact and the MLflow run:
 - no-worker: the profile's pool had no online worker at submission time -> next profile at once
@@ -34,16 +35,16 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, Pause
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.train_step import mark_run_directory, read_result
 from infra.compute.pool_health import observe
 from infra.compute.selection import Ranking
 from infra.compute.store import Attempt, ComputeProfile, Store
 from infra.runs.fencing import StillAlive, confirm_gone
 from tasks.choose_compute import NoComputeNow, current_work_pool, runs_here
 from tasks.control_watch import PAUSED
+from tasks.model_work import StepResult, read_step_result, train_evaluate_export
+from tasks.run_directory import mark_run_directory
 from tasks.tracking import ensure_active
-from tasks.training import train_model
-from trainers.base import TrainingPaused, TrainResult
+from trainers.base import TrainingPaused
 from trainers.data.spec import DatasetSpec
 
 POLL_S = 0.5
@@ -166,7 +167,7 @@ class Placement:
         )
 
     # --- the attempts ---
-    def run(self) -> TrainResult:
+    def run(self) -> StepResult:
         here = current_work_pool()
         order, head = list(self.ranking.candidates), None
         if self.request.compute.strategy == "queue":
@@ -237,10 +238,10 @@ class Placement:
         ]
         return len(ahead) + 1
 
-    def _train_here(self, profile: ComputeProfile) -> TrainResult:
+    def _train_here(self, profile: ComputeProfile) -> StepResult:
         attempt = self._begin(profile, "running", "in the train flow's own process")
         try:
-            result = train_model(self.request, self.dataset, self.output_dir, self.run_id)
+            result = train_evaluate_export(self.request, self.dataset, self.output_dir, self.run_id)
         except (TrainingPaused, Pause) as paused:  # Pause: Prefect's own signal, when it noticed the pause first
             self._end(attempt, profile, "paused", str(paused))
             raise
@@ -250,7 +251,7 @@ class Placement:
         self._end(attempt, profile, "completed", f"trained in-process on {profile.name}")
         return result
 
-    def _train_there(self, profile: ComputeProfile) -> TrainResult | None:
+    def _train_there(self, profile: ComputeProfile) -> StepResult | None:
         # The ranking's observation is trusted for a few seconds; after that the pool is looked at again.
         fresh = len(self.attempts) == 0 and time.monotonic() - self.ranking.observed_at < FRESH_S
         state = None if fresh else observe([profile])[profile.name]
@@ -285,7 +286,7 @@ class Placement:
                 raise
         self._end(attempt, profile, outcome, reason)
         if outcome == "completed":
-            return read_result(self.output_dir, self.request.experiment, self.request_id)
+            return read_step_result(self.run_id)
         if outcome == "paused":
             raise TrainingPaused(reason.removeprefix(PAUSED))
         if outcome == "failed" and not self.request.compute.fallback_on_failure:
@@ -329,6 +330,6 @@ def _outcome(state) -> str:
 
 
 @task
-def train_on_compute(request, dataset: DatasetSpec, ranking: Ranking, output_dir: Path, run_id: str) -> TrainResult:
+def train_on_compute(request, dataset: DatasetSpec, ranking: Ranking, output_dir: Path, run_id: str) -> StepResult:
     ensure_active(run_id)
     return Placement(request, dataset, output_dir, run_id, ranking).run()

@@ -6,9 +6,8 @@ import mlflow
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.export import ExportedModel
+from tasks.model_work import StepResult
 from tasks.register import RegisteredModel
-from tasks.remote_storage import StoredModel
 
 
 def mlflow_run_url(run_id: str) -> str:
@@ -17,15 +16,9 @@ def mlflow_run_url(run_id: str) -> str:
 
 
 @task
-def publish_summary(
-    request,
-    run_id: str,
-    metrics: dict[str, float],
-    exported: ExportedModel,
-    model: RegisteredModel,
-    stored: StoredModel | None = None,
-) -> str:
+def publish_summary(request, run_id: str, step: StepResult, model: RegisteredModel) -> str:
     url = mlflow_run_url(run_id)
+    metrics, exported, stored = step.metrics, step.exported, step.stored
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in metrics.items())
     download = ""
     if stored is not None:

@@ -1,5 +1,5 @@
-"""What a training holds on its host while it runs: a GPU lease and MLflow system metrics for those GPUs; and the
-lease evaluation holds after it."""
+"""What an attempt holds on its host while it trains and evaluates: a GPU lease and MLflow system metrics for those
+GPUs."""
 
 from __future__ import annotations
 
@@ -51,17 +51,6 @@ def held_resources(request, output_dir: Path, run_id: str, request_id: str | Non
             yield device
 
 
-@contextlib.contextmanager
-def evaluation_device(request, output_dir: Path) -> Iterator[str]:
-    """The torch device for evaluating the request's model on this host: one GPU, leased and waited for like a
-    training's, so evaluation never runs on a GPU another training holds; the CPU on a host without GPUs."""
-    inventory = visible_to_this_process(discover(output_dir))
-    need = need_of(request, inventory)
-    one_gpu = Need(min(need.gpus, 1), need.gpu_memory_gb, cpu_cores=1)  # evaluation runs on one device
-    with gpu_lease(one_gpu, inventory, on_wait=get_run_logger().warning) as lease:
-        yield device_of(lease, request.device)
-
-
 def device_of(lease: Lease | None, preference: str) -> str:
     """The torch device of a lease. CUDA, once started in a process, keeps the devices it saw then (a training that
     ran earlier in this process), so the lease's GPU is found among those; otherwise the lease has just made
@@ -103,7 +92,10 @@ def _system_metrics(run_id: str, host: str, lease: Lease | None) -> Iterator[Non
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_EVERY_S, resume_logging=True, node_id=host)
     monitor.monitors = [m for m in monitor.monitors if not isinstance(m, GPUMonitor)]
     if lease is not None:
-        monitor.monitors.append(_leased_gpu_monitor(GPUMonitor, lease))
+        try:
+            monitor.monitors.append(_leased_gpu_monitor(GPUMonitor, lease))
+        except RuntimeError as error:  # NVML gone: MLflow's own GPU monitor skips GPU metrics the same way
+            get_run_logger().warning("no GPU metrics for %s: %s", lease.describe(), error)
     monitor.start()
     try:
         yield
@@ -116,7 +108,10 @@ def _leased_gpu_monitor(base: type, lease: Lease):
 
     class LeasedGPUs(base):
         def __init__(self) -> None:
-            super().__init__()
-            self.gpu_handles = [pynvml.nvmlDeviceGetHandleByUUID(gpu.uuid) for gpu in lease.gpus]
+            super().__init__()  # RuntimeError without NVML
+            try:
+                self.gpu_handles = [pynvml.nvmlDeviceGetHandleByUUID(gpu.uuid) for gpu in lease.gpus]
+            except pynvml.NVMLError as error:
+                raise RuntimeError(f"NVML does not know the leased GPUs: {error}") from error
 
     return LeasedGPUs()

@@ -1,4 +1,4 @@
-"""Stage 3: run the chosen trainer, with live progress in the Prefect UI."""
+"""Stage 3: run the chosen trainer on this host, with live progress in the Prefect UI."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from pathlib import Path
 import mlflow
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks.control_watch import ControlWatch
-from tasks.remote_storage import CheckpointUploads, checkpoint_mirror, restore_checkpoints
-from tasks.resources import held_resources
 from tasks.stall import StallWatch
 from tasks.tracking import ensure_active
 from trainers.base import Callback, TrainControl, TrainJob, TrainResult, get_trainer
@@ -50,30 +49,29 @@ def make_job(request, dataset: DatasetSpec, device: str, output_dir: Path, callb
     return TrainJob(request.train_config(), dataset, output_dir, device, list(callbacks), control or TrainControl())
 
 
-@task
+@task(cache_policy=NO_CACHE)  # a training is never a cached result; `uploads` cannot be hashed either
 def train_model(
-    request, dataset: DatasetSpec, output_dir: Path, run_id: str, request_run_id: str | None = None
+    request,
+    dataset: DatasetSpec,
+    output_dir: Path,
+    run_id: str,
+    device: str,
+    uploads: Callback | None = None,
+    request_run_id: str | None = None,
 ) -> TrainResult:
-    """Train on this host, holding the GPUs the request needs while it trains. A pause or "checkpoint now" asked
-    of the train flow run (`request_run_id`, or this flow run) reaches the trainer through a ControlWatch; a
-    training without progress for compute.stall_timeout_s is reported (or ended for fallback) by a StallWatch. With an
-    artifact store, the run's checkpoints are fetched from it when this host lacks them, and pushed after each."""
+    """Train on this host's `device` (its GPU lease is held by the caller). A pause or "checkpoint now" asked of
+    the train flow run (`request_run_id`, or this flow run) reaches the trainer through a ControlWatch; a training
+    without progress for compute.stall_timeout_s is reported (or ended for fallback) by a StallWatch; `uploads`
+    pushes each checkpoint to the artifact store."""
     ensure_active(run_id)
     # Prefect forwards the trainers' logger (PREFECT_LOGGING_EXTRA_LOGGERS) but leaves its level at the root's
     # WARNING, which would drop the per-epoch INFO lines.
     logging.getLogger("trainers").setLevel(logging.INFO)
     control = TrainControl()
-    # With an artifact store, checkpoints another host left there come down first, and each new one goes up.
-    mirror = checkpoint_mirror(request.experiment, str(request_run_id or flow_run.id), output_dir)
-    if mirror is not None:
-        mlflow.set_tag("checkpoints.uri", mirror.uri)
-        restore_checkpoints(mirror)
     with (
-        CheckpointUploads(mirror) as uploads,  # outermost: the last upload runs after the GPUs are released
-        held_resources(request, output_dir, run_id, str(request_run_id or flow_run.id)) as device,
         ControlWatch(request_run_id or flow_run.id, control) as watch,
         StallWatch(flow_run.id, control, request.compute.stall_timeout_s, request.compute.on_stall) as stall,
     ):
-        callbacks = [PrefectProgress(), watch, stall, uploads]
+        callbacks = [PrefectProgress(), watch, stall, *([uploads] if uploads else [])]
         job = make_job(request, dataset, device, output_dir, callbacks, control)
         return get_trainer(request.trainer).train(job)

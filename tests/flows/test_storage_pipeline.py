@@ -20,7 +20,6 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter
 from prefect.settings import get_current_settings
@@ -30,8 +29,9 @@ from s3_server import client, client_env, env_applied
 
 from flows.request import TrainRequest
 from flows.train import train
-from flows.train_step import read_result, train_step
+from flows.train_step import train_step
 from infra.settings import Settings
+from tasks.model_work import read_step_result
 from tasks.remote_storage import sync_dataset_uri
 from tasks.tracking import runs_of_flow_run
 from trainers.data.validate import load_dataset
@@ -329,19 +329,14 @@ def test_an_attempt_on_another_host_resumes_from_the_s3_checkpoints(first, remot
     assert not any("epoch 1/3" in m for m in messages)  # epochs 1 and 2 were not trained again
     assert any("epoch 3/3" in m for m in messages)
     assert (tmp_path / "host-b" / "cache" / "datasets" / remote.name / "datasets" / "shapes" / "train").is_dir()
-    assert state.result()["epochs_completed"] == 3
+    assert state.result()["train"]["epochs_completed"] == 3
     prefix = f"{run_prefix(first)}/checkpoints"
     manifest = read_json(remote, f"{prefix}/{read_json(remote, f'{prefix}/latest.json')['key']}")
     assert manifest["progress"]["epoch"] == 3  # host B's checkpoints went up in their turn
 
-    # The train flow's host never had host B's directory (a step trains at the path the flow gave it): the flow
-    # reads the step's result and best checkpoint from the store.
+    # The train flow's host never had host B's directory (a step trains at the path the flow gave it), and needs
+    # none of it: the step evaluated and exported there, and left its result in the MLflow run.
     shutil.rmtree(output_dir)
-    epochs, best_is_there = read_result_on_the_train_flows_host(str(output_dir), run_id)
-    assert epochs == 3 and best_is_there
-
-
-@flow
-def read_result_on_the_train_flows_host(output_dir: str, request_id: str) -> tuple[int, bool]:
-    result = read_result(Path(output_dir), EXPERIMENT, request_id)
-    return result.epochs_completed, result.best_checkpoint.is_file()
+    step = read_step_result(mlflow_run.info.run_id)
+    assert step.train.epochs_completed == 3 and step.stored is not None
+    assert "final_val_accuracy" in mlflow.get_run(mlflow_run.info.run_id).data.metrics

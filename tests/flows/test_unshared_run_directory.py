@@ -2,11 +2,11 @@
 
 - A host that still holds an older copy of an hf-image or yolo run directory restores the newer pushed one and
   trains only what is left (tests/flows/test_remote_resume.py's helpers: each training step as the fallback runs it).
-- The train flow evaluates, exports and registers after its training step ran on another host: a real worker with
-  its own TRAINYARD_HOME and its own disk at the train flow's runs directory (a private bind mount in a mount
-  namespace: the same path, other files, as on another machine).
-- Without an artifact store, a step that cannot see the train flow's run directory stops before it trains, and the
-  flow's host that lacks the step's result says so; both name the rule and the fix.
+- The training step on another host trains, evaluates and exports there, and the train flow registers the model
+  without fetching anything: a real worker with its own TRAINYARD_HOME and its own disk at the train flow's runs
+  directory (a private bind mount in a mount namespace: the same path, other files, as on another machine).
+- Without an artifact store, a step that cannot see the train flow's run directory stops before it trains, naming
+  the rule and the fix; a flow host that finds no step result in the MLflow run says so.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ import mlflow
 import pytest
 import test_remote_resume as remote_resume
 from mlflow import MlflowClient
-from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect_logs import run_logs
 from test_remote_resume import HF, HF_STEPS_PER_EPOCH, YOLO, Request, assert_each_step_logged_once, metric_steps, upload
 
 from flows.request import TrainRequest
 from flows.train import train
-from flows.train_step import RunDirectoryNotShared, read_result, train_step
+from flows.train_step import train_step
 from infra.compute.store import ComputeProfile, Store
 from infra.settings import Settings
 from infra.stack import services as local_stack
 from infra.stack.apply import apply_profiles
+from tasks.model_work import STEP_RESULT, StepResultMissing, read_step_result
 from trainers.data.validate import load_dataset
 
 store, shapes_det = remote_resume.store, remote_resume.shapes_det  # its fixtures: a new bucket, a YOLO dataset
@@ -153,7 +153,7 @@ def step_host(stack, store, tmp_path_factory):
             local_stack.stop(stack, worker)
 
 
-def test_the_train_flow_evaluates_exports_and_registers_after_its_step_ran_on_another_host(
+def test_the_step_on_another_host_trains_evaluates_and_exports_there_and_the_flow_registers(
     step_host, store, shapes_cls
 ):
     s3, bucket = store
@@ -173,13 +173,14 @@ def test_the_train_flow_evaluates_exports_and_registers_after_its_step_ran_on_an
     trained = run_logs(attempt.flow_run_id, until=r"checkpoints after epoch 2 uploaded")
     assert any(m.message.startswith("epoch 2/2:") for m in trained)
     there, here = step_host.disk / run, Settings.from_env().runs_dir / run  # one path, two disks
-    assert json.loads((there / "train-result.json").read_text())["best_checkpoint"] == str(here / "best.pt")
+    step = read_step_result_of(summary.mlflow_run_id)
+    assert step["train"]["best_checkpoint"] == str(here / "best.pt")  # the path, on the step's disk
+    assert (there / "best.pt").is_file() and Path(summary.onnx_path) == here / "export" / "model.onnx"
+    assert (there / "export" / "model.onnx").is_file()  # exported where it trained
 
-    # The flow's host had none of it: the step's last push came down, verified, before evaluation.
-    restored = r"restored \d+ checkpoint files \(\d+ bytes, epoch 2\) from s3://.*: this host holds none of them"
-    assert any(re.search(restored, m.message) for m in run_logs(run, until=restored))
-    assert (here / "best.pt").read_bytes() == (there / "best.pt").read_bytes()
-    assert not (there / "export").exists() and Path(summary.onnx_path) == here / "export" / "model.onnx"
+    # The flow's host fetched nothing: no checkpoint, no export, no second lease.
+    assert not (here / "best.pt").exists() and not (here / "export").exists()
+    assert not any("restored" in m.message for m in run_logs(run))
     assert summary.onnx_uri == f"s3://{bucket}/trainyard/{EXPERIMENT}/{run}/model/model.onnx"
 
     mlflow_run = mlflow.get_run(summary.mlflow_run_id)
@@ -187,8 +188,15 @@ def test_the_train_flow_evaluates_exports_and_registers_after_its_step_ran_on_an
     assert {"final_val_accuracy", "onnx_parity_max_abs_diff"} <= set(mlflow_run.data.metrics)
     version = MlflowClient().get_model_version(summary.model_name, summary.model_version)
     assert version.run_id == summary.mlflow_run_id and version.status == "READY"
-    packaged = {a.path for a in MlflowClient().list_artifacts(summary.mlflow_run_id, "model/checkpoint")}
-    assert packaged == {"model/checkpoint/best.pt"}
+    # The best checkpoint is stored once: in the artifact store, which the MLflow model names.
+    assert not MlflowClient().list_artifacts(summary.mlflow_run_id, "model/checkpoint")
+    named = mlflow.artifacts.load_dict(f"runs:/{summary.mlflow_run_id}/model/checkpoint.json")
+    assert named == {"uri": f"s3://{bucket}/trainyard/{EXPERIMENT}/{run}/model/checkpoint/best.pt", "name": "best.pt"}
+    assert mlflow_run.data.tags["checkpoint.uri"] == named["uri"]
+
+
+def read_step_result_of(run_id: str) -> dict:
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{STEP_RESULT}")
 
 
 # --- without an artifact store -----------------------------------------------------------------------------------
@@ -215,17 +223,13 @@ def test_without_a_store_a_step_that_cannot_see_the_flows_run_directory_stops_be
     assert not output_dir.exists()  # nothing trained
 
 
-@flow
-def read_result_on_the_flows_host(output_dir: str) -> str:
-    with pytest.raises(RunDirectoryNotShared) as error:
-        read_result(Path(output_dir), EXPERIMENT, "request-2")
-    return str(error.value)
+def test_a_flow_host_that_finds_no_step_result_in_the_mlflow_run_says_what_and_how(stack):
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run() as run:  # a step that ended Completed without writing its result
+        pass
+    with pytest.raises(StepResultMissing) as error:
+        read_step_result(run.info.run_id)
 
-
-def test_without_a_store_the_flows_host_that_lacks_the_result_says_what_and_how(stack, tmp_path, monkeypatch):
-    monkeypatch.delenv("TRAINYARD_ARTIFACT_STORE", raising=False)
-    message = read_result_on_the_flows_host(str(tmp_path / "request-2"))
-
-    assert message.startswith(f"The training step finished, but its result {tmp_path}/request-2/train-result.json")
-    assert "is not on the train flow's host, and no artifact store is set" in message
-    assert all(fix in message for fix in SHARE_IT), message
+    message = str(error.value)
+    assert message.startswith(f"The training step ended Completed, but its result {STEP_RESULT} is not in MLflow run")
+    assert run.info.run_id in message and "run the request again to resume" in message
