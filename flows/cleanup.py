@@ -33,7 +33,7 @@ from flows.monitor import PAGE, flow_runs_by_id, newest_log, paged
 from infra.compute.allocation import PREFIX, Holder, read_holders
 from infra.runs.fencing import holder_may_live
 from infra.runs.monitoring import orphaned_slots, plan_pruning, prune, zombie_reason
-from infra.settings import Settings
+from infra.settings import get_settings
 from infra.stack.automations import ZOMBIE_AFTER, ensure_zombie_automation
 
 CONFIRM_S = 3.0  # slots seen without a lease are looked at again after this long before they are released
@@ -109,7 +109,7 @@ def release_stale_leases(dry_run: bool) -> tuple[dict[str, int], list[str]]:
 @task
 def prune_checkpoints(keep_last: int, dry_run: bool) -> tuple[dict[str, list[str]], int, list[str]]:
     """For each run directory whose flow run has ended: keep the newest `keep_last` checkpoints and the best."""
-    runs_dir = Settings.from_env().runs_dir
+    runs_dir = get_settings().runs_dir
     directories = {_uuid(p.name): p for p in sorted(runs_dir.iterdir()) if p.is_dir()} if runs_dir.is_dir() else {}
     directories.pop(None, None)  # not a flow run's (e.g. "local", a run from a script): no state to go by
     ended = _ended(list(directories))

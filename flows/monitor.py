@@ -61,7 +61,7 @@ from infra.runs.monitoring import (
     not_announced,
     stuck_alert,
 )
-from infra.settings import Settings
+from infra.settings import get_settings
 
 TRAINING_FLOWS = ["train", "train-step"]
 PAGE = 200
@@ -87,7 +87,7 @@ class MonitorReport:
 @task
 def publish_this_host() -> None:
     """This host's inventory and GPU readings, for this and every later monitor run."""
-    publish_inventory(discover(Settings.from_env().runs_dir))
+    publish_inventory(discover(get_settings().runs_dir))
 
 
 @task

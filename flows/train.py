@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.request import TrainRequest, request_parameters
-from infra.settings import Settings
+from infra.settings import get_settings
 from tasks.choose_compute import select_compute
 from tasks.control_watch import paused_training_suspends_the_run
 from tasks.dataset import prepare_dataset, publish_dataset_stats
@@ -55,7 +55,7 @@ def train(**parameters) -> TrainSummary:
     publish_dataset_stats(dataset)
     ranking = select_compute(request, dataset.version)
     run = str(flow_run.id or "local")
-    output_dir = Settings.from_env().runs_dir / run  # shared by every attempt
+    output_dir = get_settings().runs_dir / run  # shared by every attempt
 
     # A pause (Prefect UI or CLI) checkpoints and suspends the run; Resume runs this flow again, which resumes.
     with paused_training_suspends_the_run(), pipeline_run(request, dataset, ranking) as run_id:

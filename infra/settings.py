@@ -12,6 +12,7 @@ with its own S3 credentials, instead of sending them through the MLflow server (
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -200,9 +201,9 @@ def check_store_url(url: str) -> None:
         ) from None
 
 
-def s3_endpoint_url() -> str | None:
+def s3_endpoint_url(env: Mapping[str, str] | None = None) -> str | None:
     """The S3 endpoint, as infra.storage reads it (None: AWS itself)."""
-    env = os.environ
+    env = os.environ if env is None else env
     return env.get("TRAINYARD_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
 
 
@@ -219,6 +220,13 @@ class Settings:
     mlflow_artifacts: str = "proxied"  # TRAINYARD_MLFLOW_ARTIFACTS: through the MLflow server, or `direct` to S3
     credentials_block: str | None = None  # TRAINYARD_S3_CREDENTIALS_BLOCK, a block of the user's; None: trainyard-s3
     own_store_url: bool = False  # TRAINYARD_STORE_URL is set: the platform store is elsewhere, not in `database`
+    store_url_given: str | None = field(default=None, repr=False)  # TRAINYARD_STORE_URL (may hold a password)
+    artifact_store_uri: str | None = None  # TRAINYARD_ARTIFACT_STORE as given: s3://bucket/prefix or a directory
+    s3_endpoint: str | None = None  # TRAINYARD_S3_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL; None: AWS
+    checkpoint_dir: Path | None = (
+        None  # TRAINYARD_CHECKPOINT_DIR: the runs directory containers mount (default runs_dir)
+    )
+    checkpoint_pvc: str = "trainyard-checkpoints"  # TRAINYARD_CHECKPOINT_PVC: the Kubernetes claim mounted there
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -250,6 +258,11 @@ class Settings:
             mlflow_artifacts=mlflow_artifact_mode(env.get("TRAINYARD_MLFLOW_ARTIFACTS", ""), artifact_store),
             credentials_block=env.get("TRAINYARD_S3_CREDENTIALS_BLOCK") or None,
             own_store_url=bool(own_store_url),
+            store_url_given=own_store_url or None,
+            artifact_store_uri=env.get("TRAINYARD_ARTIFACT_STORE", "").strip() or None,
+            s3_endpoint=s3_endpoint_url(env),
+            checkpoint_dir=Path(env["TRAINYARD_CHECKPOINT_DIR"]) if env.get("TRAINYARD_CHECKPOINT_DIR") else None,
+            checkpoint_pvc=env.get("TRAINYARD_CHECKPOINT_PVC") or "trainyard-checkpoints",
         )
 
     @property
@@ -285,6 +298,11 @@ class Settings:
     def runs_dir(self) -> Path:
         return self.home / "runs"
 
+    @property
+    def store_url(self) -> str:
+        """The platform store (compute profiles, attempts ledger): TRAINYARD_STORE_URL, else SQLite under home."""
+        return self.store_url_given or f"sqlite:///{self.home / 'trainyard.db'}"
+
     def client_env(self) -> dict[str, str]:
         """What a process needs to talk to this stack (the worker, the CLI, the demo). Never a secret: the env file
         and `python -m infra.stack env` print it."""
@@ -319,7 +337,25 @@ class Settings:
                 TRAINYARD_S3_CREDENTIALS_BLOCK=self.s3_credentials_block,
                 TRAINYARD_MLFLOW_ARTIFACTS=self.mlflow_artifacts,
             )
-        if self.mlflow_artifacts == "direct" and s3_endpoint_url():
+        if self.mlflow_artifacts == "direct" and self.s3_endpoint:
             # MLflow's own S3 client, used by every host in direct mode, reads this name only.
-            env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url()
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
         return env
+
+
+# The variables settings are made of: a change to any of them (a test's monkeypatch, `up` exporting the stack's
+# environment) gives new settings; otherwise they are read and validated once.
+_PREFIXES = ("TRAINYARD_", "AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=8)
+def _settings_for(variables: tuple[tuple[str, str], ...], embedded_database: str | None) -> Settings:
+    return Settings.from_env(dict(variables))
+
+
+def get_settings() -> Settings:
+    """This process's settings: one typed object, read from the environment once (per distinct environment)."""
+    variables = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_PREFIXES)))
+    home = Path(os.environ.get("TRAINYARD_HOME") or ROOT / ".trainyard").resolve()
+    # The one-host stack's own PostgreSQL cluster may start or stop while this process lives.
+    return _settings_for(variables, embedded_postgres.running_url(home))

@@ -11,7 +11,7 @@ from infra.compute.pool_health import observe
 from infra.compute.profiles import seed_profiles
 from infra.compute.selection import Needs, PoolState, Ranking, estimate_hours, rank_profiles
 from infra.compute.store import ComputeProfile, Store
-from infra.settings import ROOT, Settings
+from infra.settings import ROOT, get_settings
 
 SEED_PROFILES = ROOT / "infra" / "profiles.yaml"
 
@@ -45,7 +45,7 @@ def runs_here(profile: ComputeProfile, current_pool: str | None) -> bool:
     """The profile is where this flow already runs: train in this process instead of starting another one."""
     if profile.kind != "process":
         return False
-    return profile.work_pool == (current_pool or Settings.from_env().work_pool)
+    return profile.work_pool == (current_pool or get_settings().work_pool)
 
 
 def rank(request, dataset_version: str, store: Store) -> Ranking:

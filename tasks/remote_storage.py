@@ -9,7 +9,6 @@ Credentials come from the environment or a Prefect block (infra/storage), never 
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 from dataclasses import dataclass, replace
@@ -21,7 +20,7 @@ from urllib.parse import parse_qs, urlparse
 import mlflow
 from prefect import get_run_logger, task
 
-from infra.settings import Settings
+from infra.settings import get_settings
 from infra.storage import StorageError, SyncResult, project_prefix, storage_for, sync_to_cache
 from infra.storage.mirror import RunMirror
 from tasks.tracking import ensure_active
@@ -38,7 +37,7 @@ LATEST_MODEL = "latest-model.json"  # per experiment: the pointer to the newest 
 
 def artifact_store() -> str | None:
     """Where checkpoints and models are uploaded (`TRAINYARD_ARTIFACT_STORE`); None: nowhere."""
-    return os.environ.get(ARTIFACT_STORE, "").strip() or None
+    return get_settings().artifact_store_uri
 
 
 def is_remote(dataset: str) -> bool:
@@ -46,7 +45,7 @@ def is_remote(dataset: str) -> bool:
 
 
 def dataset_cache() -> Path:
-    return Settings.from_env().home / "cache" / "datasets"
+    return get_settings().home / "cache" / "datasets"
 
 
 def run_uri(experiment: str, run: str) -> str:

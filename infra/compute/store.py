@@ -16,7 +16,7 @@ from sqlalchemy import JSON, Column
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from infra.settings import Settings
+from infra.settings import get_settings
 
 ProfileKind = Literal["process", "docker", "kubernetes", "ecs"]
 Outcome = Literal[
@@ -93,7 +93,7 @@ class GpuWaiter(SQLModel, table=True):
 
 
 def store_url() -> str:
-    return os.environ.get("TRAINYARD_STORE_URL") or f"sqlite:///{Settings.from_env().home / 'trainyard.db'}"
+    return get_settings().store_url
 
 
 class Store:

@@ -11,7 +11,7 @@ import socket
 import sys
 from typing import Any
 
-from infra.settings import Settings
+from infra.settings import Settings, get_settings
 from infra.stack import services as stack
 
 
@@ -33,7 +33,7 @@ def gpu_indices(spec: str) -> list[int]:
 
 def gpu_workers(pool: str, gpus: list[int], settings: Settings | None = None) -> list[Any]:
     """One `prefect worker start` per GPU, pinned with CUDA_VISIBLE_DEVICES and taking one run at a time."""
-    settings = settings or Settings.from_env()
+    settings = settings or get_settings()
     base_env = stack.services(settings)[2].extra_env  # the local worker's polling and PREFECT_HOME
     host = socket.gethostname()
     return [
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--stop", action="store_true", help="stop the ones --start started")
     args = parser.parse_args(argv)
 
-    settings = Settings.from_env()
+    settings = get_settings()
     services = gpu_workers(args.pool, gpu_indices(args.gpus), settings)
     if args.start:  # the host's warm-start server first (reused when `make up` already started it)
         settings.home.mkdir(parents=True, exist_ok=True)

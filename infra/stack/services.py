@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from infra.settings import RESULTS_BLOCK, ROOT, Database, Settings, SettingsError, s3_endpoint_url
+from infra.settings import RESULTS_BLOCK, ROOT, Database, Settings, SettingsError, get_settings
 from infra.stack import embedded_postgres
 from infra.stack.automations import HEARTBEAT_S, ensure_zombie_automation
 
@@ -81,8 +81,8 @@ def mlflow_server_service(settings: Settings) -> Service:
     if settings.database:
         backend = settings.database.url("postgresql+psycopg", settings.database.mlflow_database)
         env.update(settings.database.env())
-    if settings.artifact_store and s3_endpoint_url():
-        env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint_url()  # also direct: the UI lists artifacts through the server
+    if settings.artifact_store and settings.s3_endpoint:
+        env["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint  # also direct: the UI lists artifacts through the server
     argv = [
         str(BIN / "mlflow"),
         "server",
@@ -457,7 +457,7 @@ def check_artifact_store(settings: Settings) -> None:
     store = settings.artifact_store
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     try:
-        storage = S3Storage(store.bucket, store.prefix, S3Settings(endpoint_url=s3_endpoint_url(), region=region))
+        storage = S3Storage(store.bucket, store.prefix, S3Settings(endpoint_url=settings.s3_endpoint, region=region))
         with translated_errors(storage, "reach the artifact store", ""):
             storage.client.head_bucket(Bucket=store.bucket)
     except StorageError as error:
@@ -486,7 +486,7 @@ def ensure_result_storage(settings: Settings) -> None:
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
             region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
-            aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint_url()),
+            aws_client_parameters=AwsClientParameters(endpoint_url=settings.s3_endpoint),
         )
         credentials.save(settings.s3_credentials_block, overwrite=True)  # follows the keys when they are rotated
     store = settings.artifact_store
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     role = "control" if args.no_worker else args.role
     try:
-        settings = Settings.from_env()
+        settings = get_settings()
         if args.pool:
             settings = dataclasses.replace(settings, work_pool=args.pool)
         if args.command == "up":

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from infra.compute.store import ComputeProfile, Store
-from infra.settings import Settings
+from infra.settings import get_settings
 
 IMAGE_WORKDIR = "/opt/trainyard"  # where infra/docker/Dockerfile puts the code; the container deployments' path
 IMAGE_UID = 1000  # the Dockerfile's non-root user
@@ -56,11 +55,11 @@ class PoolSettings:
 
     @classmethod
     def from_env(cls, blocks: dict[str, str] | None = None) -> PoolSettings:
-        settings = Settings.from_env()
+        stack = get_settings()
         return cls(
-            checkpoint_dir=os.environ.get("TRAINYARD_CHECKPOINT_DIR") or str(settings.runs_dir),
-            checkpoint_pvc=os.environ.get("TRAINYARD_CHECKPOINT_PVC") or "trainyard-checkpoints",
-            mlflow_uri=settings.client_env()["MLFLOW_TRACKING_URI"],
+            checkpoint_dir=str(stack.checkpoint_dir or stack.runs_dir),
+            checkpoint_pvc=stack.checkpoint_pvc,
+            mlflow_uri=stack.client_env()["MLFLOW_TRACKING_URI"],
             blocks=dict(blocks or {}),
         )
 
@@ -102,7 +101,7 @@ def container_env(settings: PoolSettings, docker: bool = False) -> dict[str, str
     uri = settings.mlflow_uri
     if docker:  # the worker maps host.docker.internal to the host, as it does for PREFECT_API_URL
         uri = uri.replace("127.0.0.1", "host.docker.internal").replace("localhost", "host.docker.internal")
-    env = Settings.from_env().client_env()
+    env = get_settings().client_env()
     keep = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PREFECT_LOGGING_EXTRA_LOGGERS")
     return {"MLFLOW_TRACKING_URI": uri, **{key: env[key] for key in keep}, "YOLO_AUTOINSTALL": "false"}
 
