@@ -116,6 +116,12 @@ def _link_atomic(target: Path, link: Path) -> None:
     os.replace(tmp, link)
 
 
+def retained_files(manifest: dict, keep_last: int) -> set[str]:
+    """The checkpoint files retention keeps: the newest `keep_last` of the manifest, the best and the last."""
+    newest = {entry["file"] for entry in manifest["checkpoints"][-keep_last:]}
+    return newest | {manifest.get("best"), manifest.get("last")} - {None}
+
+
 class CheckpointStore:
     """The checkpoints of one run directory. `save` and `load` take serializer functions, so any library fits."""
 
@@ -154,8 +160,7 @@ class CheckpointStore:
         return path
 
     def _retain(self, manifest: dict) -> dict:
-        newest = {e["file"] for e in manifest["checkpoints"][-self.keep_last :]}
-        keep = newest | {manifest["best"], manifest["last"]} - {None}
+        keep = retained_files(manifest, self.keep_last)
         for entry in manifest["checkpoints"]:
             if entry["file"] not in keep:
                 with contextlib.suppress(FileNotFoundError):

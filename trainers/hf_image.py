@@ -29,6 +29,8 @@ Choices worth knowing:
   folders get mtimes in step order (Transformers' rotation deletes by mtime; a copy has the copy's order).
 - `checkpoint.every_seconds` saves mid-epoch at the next step past the interval. A cancel (SIGTERM, Ctrl-C)
   saves the steps trained so far before the interruption goes on, unless it lands inside an optimizer update.
+- The checkpoint policy (trainers/checkpoint_policy.py) is applied through a TrainerCallback (Progress below);
+  the private Transformers APIs this trainer needs are in trainers/transformers_private.py, with the reasons.
 - MLflow: Transformers' own MLflowCallback (a subclass of it) logs per-step metrics into the run that is
   active in this thread when train() starts, and only into that run. It never starts, resumes or ends a run,
   never reads MLFLOW_RUN_ID / MLFLOW_NESTED_RUN / MLFLOW_EXPERIMENT_NAME, and logs no params: the caller logs
@@ -44,169 +46,48 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
-import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trainers.offline  # noqa: F401  (before Transformers: offline, no telemetry)
 from trainers.base import Trainer as BaseTrainer
 from trainers.base import TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import (
-    CheckpointError,
-    check_or_record_run,
-    dir_damage,
-    signals_held,
-    write_dir_manifest,
+from trainers.checkpoint_policy import CheckpointSchedule, save_on_the_way_out
+from trainers.checkpoints import check_or_record_run, write_dir_manifest
+from trainers.hf_checkpoints import (  # noqa: F401  (_stamp_in_step_order: tests/flows)
+    _eval_at,
+    _last_complete_checkpoint,
+    _link_model_files,
+    _moved_best,
+    _stamp_in_step_order,
 )
+from trainers.hf_models import _best_model_args, _logits_module, _optimizer, _Split, _use_cpu, build_model
+from trainers.hf_models import _load as load_model
+from trainers.metrics_log import EpochMetricsLog
 from trainers.onnx_export import export_image_classifier
+from trainers.transformers_private import (
+    checkpoint_safe_trainer_class,
+    run_bound_mlflow_callback,
+    save_checkpoint_now,
+    warm_up,
+)
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
-    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = "val_accuracy"
 KEEP_CHECKPOINTS = 2  # plus the best one, which Transformers never rotates away
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _MLFLOW_ARTIFACT = "hf-image/training_args.json"
 
 
-# ----------------------------------------------------------------------------------------------- models
-
-
-def _tiny_config(name: str, image_size: int) -> Any:
-    from transformers import ResNetConfig, ViTConfig
-
-    if name == "vit-tiny":
-        return ViTConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            patch_size=8,
-            image_size=image_size,
-            num_channels=3,
-        )
-    if name == "resnet-tiny":
-        return ResNetConfig(
-            num_channels=3,
-            embedding_size=16,
-            hidden_sizes=[16, 32, 64, 128],
-            depths=[1, 1, 1, 1],
-            layer_type="basic",
-        )
-    raise ValueError(f"model {name!r} is not known to the hf-image trainer; use vit-tiny, resnet-tiny or a directory")
-
-
-def build_model(model: str, labels: list[str], image_size: int) -> PreTrainedModel:
-    """A classifier for `labels`: a tiny model from a config, or a local pretrained directory, new head."""
-    from transformers import AutoModelForImageClassification
-
-    id2label = dict(enumerate(labels))
-    label2id = {name: index for index, name in id2label.items()}
-    path = Path(model).expanduser()
-    if model not in ("vit-tiny", "resnet-tiny") and path.is_dir():
-        return AutoModelForImageClassification.from_pretrained(
-            str(path),
-            id2label=id2label,  # num_labels follows from it (passing both warns when the count changes)
-            label2id=label2id,
-            ignore_mismatched_sizes=True,  # a head for other classes is replaced by a fresh one
-            local_files_only=True,
-        )
-    config = _tiny_config(model, image_size)
-    config.num_labels = len(labels)
-    config.id2label = id2label
-    config.label2id = label2id
-    config.problem_type = "single_label_classification"
-    return AutoModelForImageClassification.from_config(config)
-
-
-def warm_up() -> None:
-    """Transformers builds its table of checkpoint weight conversions (about 1,000 compiled patterns, some 50 ms
-    on a 2-core machine) in the first `save_pretrained` of a process, the first checkpoint of a model built from a
-    config. The warm-start server (infra/runs/warm_start.py) builds it once, for every training it forks."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    get_checkpoint_conversion_mapping("vit")
-
-
-def _load(checkpoint: Path) -> PreTrainedModel:
-    from transformers import AutoModelForImageClassification
-
-    return AutoModelForImageClassification.from_pretrained(str(checkpoint), local_files_only=True)
-
-
 def _trainer_class() -> type:
-    """Transformers' Trainer, loading checkpoints the way from_pretrained does.
-
-    Transformers 5 renames some models' weights in memory (ViT: vit.encoder.layer.N.attention.attention.query
-    -> vit.layers.N.attention.q_proj) and save_pretrained writes the original names back, but the Trainer's
-    resume (_load_from_checkpoint) and load_best_model_at_end (_load_best_model) call
-    model.load_state_dict(strict=False) on the file as written: every renamed weight is silently skipped and
-    keeps its current value (huggingface/transformers#43701, #48805). Here both go through from_pretrained,
-    which applies the renaming, and a strict load_state_dict, so a mismatch raises instead.
-    """
-    from transformers import Trainer
-
-    for name in ("_load_from_checkpoint", "_load_best_model"):
-        if not callable(getattr(Trainer, name, None)):  # pragma: no cover - a Transformers upgrade
-            raise RuntimeError(f"transformers.Trainer has no {name}: review trainers/hf_image.py for this version")
-
-    class CheckpointSafeTrainer(Trainer):
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            _copy_weights(_load(Path(resume_from_checkpoint)), model if model is not None else self.model)
-
-        def _load_best_model(self) -> None:
-            _copy_weights(_load(Path(self.state.best_model_checkpoint)), self.model)
-
-    return CheckpointSafeTrainer
-
-
-def _copy_weights(source: PreTrainedModel, target: Any) -> None:
-    import torch
-
-    with torch.no_grad():
-        target.load_state_dict(source.state_dict(), strict=True)
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-
-class _Split:
-    """An ImageFolder split as the dicts the Transformers Trainer feeds to the model."""
-
-    def __init__(self, job: TrainJob, split: str, *, train: bool) -> None:
-        from trainers.data.classification import list_images
-
-        if split not in job.dataset.splits:
-            raise ValueError(f"dataset {job.dataset.root} has no {split!r} split (it has {sorted(job.dataset.splits)})")
-        self.items = list_images(Path(job.dataset.splits[split]), job.dataset.labels)
-        self.transform = _transform(job, train=train)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from trainers.data.classification import load_rgb
-
-        path, label = self.items[index]
-        return {"pixel_values": self.transform(load_rgb(path)), "labels": label}
-
-
-def _transform(job: TrainJob, *, train: bool):
-    """The one preprocessing: RGB, resize, [0,1], normalise (mean = std = 0.5); augmentation on train only."""
-    from trainers.data.classification import eval_transform, train_transform
-
-    size = job.config.image_size
-    return train_transform(size, job.config.augmentations) if train else eval_transform(size)
+    """Transformers' Trainer, loading checkpoints the way from_pretrained does (see transformers_private)."""
+    return checkpoint_safe_trainer_class(load_model)
 
 
 def _compute_metrics(eval_pred: Any) -> dict[str, float]:
@@ -216,36 +97,26 @@ def _compute_metrics(eval_pred: Any) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == eval_pred.label_ids).mean())}
 
 
-# -------------------------------------------------------------------------------------------- callbacks
-
-
 def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | None = None) -> Any:
+    """Transformers' events -> the job's callbacks, and the checkpoint policy applied to Transformers' saves."""
     from transformers import TrainerCallback
 
-    class Progress(TrainerCallback):
-        """Trainyard's callbacks from Transformers' events: start, each epoch's evaluation, each save."""
+    policy = CheckpointSchedule(job.config.checkpoint, job.control)
 
+    class Progress(TrainerCallback):
         def __init__(self) -> None:
             self.training = False
             self.train_loss: float | None = None
             # False while the optimizer updates the weights and until the next step begins (logging, evaluation,
             # saving): a checkpoint written on an interruption then would hold a state that never was.
             self.consistent = False
-            self.last_saved = time.monotonic()
-            # state.best_metric / best_global_step as of the last save, and whether an evaluated step since then
-            # was not saved (see on_step_begin).
-            self.best_as_saved: tuple[Any, Any] = (None, None)
-            self.save_skipped = False
-
-        def _epoch(self, state: Any) -> int:
-            return math.ceil(state.global_step / steps_per_epoch)
+            self.save_skipped = False  # an evaluated step since the last save was not saved (see on_step_begin)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.training = True  # the trainer state is already restored from the checkpoint when resuming
             if moved_best is not None:  # this directory's copy, not the path another host recorded
                 state.best_model_checkpoint = str(moved_best)
-            self.last_saved = time.monotonic()
-            self.best_as_saved = (state.best_metric, state.best_global_step)
+            policy.start((state.best_metric, state.best_global_step))
             job.emit_start(job.config.epochs, state.global_step // steps_per_epoch)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -259,7 +130,7 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
             if self.train_loss is not None:
                 out["train_loss"] = self.train_loss
                 self.train_loss = None
-            job.emit_epoch(self._epoch(state), out)
+            job.emit_epoch(math.ceil(state.global_step / steps_per_epoch), out)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.consistent = True
@@ -268,7 +139,7 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
                 # but that step has no checkpoint: compare the next saved step with the best saved one instead.
                 # Direction-free: a value is compared with greater_is_better, and None (nothing saved yet) starts
                 # again from -inf or +inf, so a minimised best_metric (val_loss) is restored the same way.
-                state.best_metric, state.best_global_step = self.best_as_saved
+                state.best_metric, state.best_global_step = policy.best_at_save
                 self.save_skipped = False
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -277,28 +148,22 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
         def on_step_end(self, args, state, control, **kwargs):
             # Runs after DefaultFlowCallback, which asks for a save every save_steps and at the last step.
             job.control.mark_progress()
-            policy = job.config.checkpoint
-            age = time.monotonic() - self.last_saved
-            time_is_up = bool(policy.every_seconds) and age >= policy.every_seconds
-            if job.control.pause_requested or job.control.take_checkpoint_request() or time_is_up:
+            if policy.asked() or policy.time_is_up():
                 # A pause, a "checkpoint now" or every_seconds: Transformers saves a full checkpoint at this
                 # step. Mid-epoch is fine: its resume skips the batches of the epoch that were already trained.
                 control.should_save = True
-            elif control.should_save and state.global_step < state.max_steps and age < policy.min_interval_seconds:
+            elif policy.veto(due=control.should_save, final=state.global_step >= state.max_steps):
                 control.should_save = False  # too soon after the last checkpoint (min_interval_seconds)
                 self.save_skipped = True
-            if job.control.pause_requested:
+            if policy.pause_requested:
                 control.should_training_stop = True
 
         def on_save(self, args, state, control, **kwargs):
-            self.best_as_saved = (state.best_metric, state.best_global_step)
+            policy.saved((state.best_metric, state.best_global_step))
             self.save_skipped = False
-            self.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
-
-        def saved(self, path: Path, step: int) -> None:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_dir_manifest(path)
-            self.last_saved = time.monotonic()
-            job.emit_checkpoint(step // steps_per_epoch, path)  # epochs completed
+            job.emit_checkpoint(state.global_step // steps_per_epoch, path)  # epochs completed
 
         def on_train_end(self, args, state, control, **kwargs):
             self.training = False
@@ -306,236 +171,14 @@ def _progress_callback(job: TrainJob, steps_per_epoch: int, moved_best: Path | N
     return Progress()
 
 
-def _mlflow_callback(run_id: str) -> Any:
-    import mlflow
-    from transformers.integrations import MLflowCallback
-
-    class ActiveRunMLflowCallback(MLflowCallback):
-        """Transformers' MLflowCallback bound to one run that the caller started and will end."""
-
-        def _bound(self) -> bool:
-            active = mlflow.active_run()
-            return active is not None and active.info.run_id == run_id
-
-        def setup(self, args, state, model):
-            # Replaces the base setup, which may start a run (MLFLOW_RUN_ID, MLFLOW_NESTED_RUN, no active
-            # run), call set_experiment (MLFLOW_EXPERIMENT_NAME) and log every TrainingArguments field as a
-            # param.
-            self._initialized = True
-            self._auto_end_run = False
-            self._log_artifacts = False
-            self._async_log = False  # a step counts as logged once it is in MLflow (see on_log)
-            if state.is_world_process_zero and self._bound():
-                record = {"training_args": json.loads(args.to_json_string())}
-                if model is not None and getattr(model, "config", None) is not None:
-                    record["model_config"] = json.loads(model.config.to_json_string())
-                mlflow.log_dict(record, _MLFLOW_ARTIFACT)
-
-        def on_log(self, args, state, control, logs, model=None, **kwargs):
-            # A step an earlier attempt logged before it was killed (after this step's evaluation, before its
-            # checkpoint) is trained and logged again by the resumed attempt: MLflow keeps the first, once.
-            numeric = [k for k, v in logs.items() if k != "epoch" and isinstance(v, int | float)]
-            if not numeric or not self._bound():  # never into a run someone starts later, nor once it has ended
-                return
-            logged = self._logged_steps(min(numeric))  # one key stands for its log entry
-            if state.global_step not in logged:
-                super().on_log(args, state, control, logs, model=model, **kwargs)
-                logged.add(state.global_step)
-
-        def on_save(self, args, state, control, **kwargs):
-            pass  # checkpoints are the caller's to log
-
-        def _logged_steps(self, key: str) -> set[int]:
-            if key not in self.logged:  # read once per metric name and run, then kept up to date here
-                history = mlflow.MlflowClient().get_metric_history(run_id, _mlflow_key(key))
-                self.logged[key] = {metric.step for metric in history}
-            return self.logged[key]
-
-    callback = ActiveRunMLflowCallback()
-    callback.logged = {}
-    return callback
-
-
-def _mlflow_key(key: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", key)  # as Transformers' MLflowCallback sanitizes metric names
-
-
-def _active_mlflow_run_id() -> str | None:
-    try:
-        import mlflow
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        return None
-    run = mlflow.active_run()
-    return run.info.run_id if run is not None else None
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _use_cpu(device: str) -> bool:
-    """Transformers' Trainer has no device argument: CPU, or cuda:0 (DataParallel over every visible GPU)."""
-    if device == "cpu":
-        return True
-    if not device.startswith("cuda"):
-        raise ValueError(f"device {device!r} is not supported by the hf-image trainer; use 'cpu' or 'cuda:N'")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was requested but CUDA is not available on this machine")
-    index = int(device.partition(":")[2] or 0)
-    if index != 0 or torch.cuda.device_count() > 1:
-        raise ValueError(
-            f"device {device!r}: the Transformers Trainer trains on cuda:0 and spreads over all visible GPUs "
-            f"({torch.cuda.device_count()} visible here); start the job with CUDA_VISIBLE_DEVICES=<the GPU> "
-            "and device 'cuda:0'"
-        )
-    return False
-
-
-def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-    return sorted(found)
-
-
-def _last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint that verifies against its manifest.
-
-    Transformers writes trainer_state.json last, after the weights, optimizer, scheduler and RNG states: a newer
-    checkpoint without it (a crash while saving) is removed. One that is damaged (a file differs from its manifest)
-    is set aside as damaged-checkpoint-N with a warning, and the one before it is used.
-    """
-    found = _checkpoints(output_dir)
-    complete = [(step, path) for step, path in found if (path / "trainer_state.json").is_file()]
-    last_step, last = complete[-1] if complete else (-1, None)
-    for step, path in found:
-        if step > last_step:
-            log.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
-            shutil.rmtree(path, ignore_errors=True)
-    for _, path in reversed(complete):
-        damage = dir_damage(path)
-        if damage is None:
-            return path
-        aside = path.with_name(f"damaged-{path.name}")
-        shutil.rmtree(aside, ignore_errors=True)
-        path.rename(aside)
-        log.warning("checkpoint %s is damaged (%s): set aside as %s; trying the one before it", path, damage, aside)
-    if complete:
-        raise CheckpointError(
-            f"no usable checkpoint in {output_dir}: every one is damaged (set aside as damaged-checkpoint-*). "
-            "Training will not restart from scratch on its own: restore them, or remove the directory (or use "
-            "another output directory) to start over"
-        )
-    return last
-
-
-def _moved_best(resume: Path, output_dir: Path) -> Path | None:
-    """The best checkpoint the resumed state records, in this directory, when it is recorded in another one.
-
-    trainer_state.json holds best_model_checkpoint as an absolute path: in a run directory restored on another host
-    it names the first host's directory, and Transformers drops it on resume. Without it a resume with nothing left
-    to train would skip load_best_model_at_end and return the last checkpoint as the best.
-    """
-    recorded = json.loads((resume / "trainer_state.json").read_text()).get("best_model_checkpoint")
-    if not recorded or Path(recorded).parent == output_dir:
-        return None
-    here = output_dir / Path(recorded).name
-    if not _CHECKPOINT.match(here.name) or not here.is_dir():
-        return None
-    log.info("best checkpoint %s was recorded in another run directory: using %s", recorded, here)
-    return here
-
-
-def _stamp_in_step_order(output_dir: Path) -> None:
-    """Give the checkpoint directories mtimes in step order when they are not.
-
-    Transformers' rotation (save_total_limit) deletes the oldest checkpoints by directory mtime. A copied run
-    directory (restored from the artifact store) has the copy's order, e.g. checkpoint-16 before checkpoint-8, and
-    rotation would then delete the newest but one.
-    """
-    found = _checkpoints(output_dir)
-    mtimes = [path.stat().st_mtime for _, path in found]
-    if all(a < b for a, b in zip(mtimes, mtimes[1:], strict=False)):
-        return
-    now = time.time()
-    for age, (_, path) in enumerate(reversed(found), start=1):
-        os.utime(path, (now - age, now - age))  # a second apart: Transformers ignores mtimes closer than that
-
-
-def _checkpoint_on_the_way_out(trainer: Any, progress: Any, output_dir: Path, why: str) -> None:
-    """A checkpoint of the steps trained so far, unless the interruption landed in the middle of an update."""
+def _save_now(trainer: Any, output_dir: Path) -> str | None:
+    """A checkpoint of the steps trained so far (on a cancel), unless nothing was trained or this step is saved."""
     step = trainer.state.global_step
-    if not progress.consistent:
-        log.warning(
-            "interrupted (%s) in the middle of a training step: the last checkpoint stands, and the steps since "
-            "it are trained again on resume",
-            why,
-        )
-        return
     path = output_dir / f"checkpoint-{step}"
     if step == 0 or (path / "trainer_state.json").is_file():
-        return  # nothing trained yet, or this very step is saved already
-    with signals_held():
-        trainer._save_checkpoint(trainer.model, trial=None)  # what Transformers' loop calls at a save step
-        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)  # manifest, MLflow, callbacks
-    log.warning("interrupted (%s): checkpoint at step %d (%s)", why, step, path)
-
-
-def _optimizer(name: str) -> dict[str, Any]:
-    if name == "adamw":
-        return {"optim": "adamw_torch", "weight_decay": 0.01}
-    if name == "adam":
-        return {"optim": "adamw_torch", "weight_decay": 0.0}
-    if name == "sgd":
-        return {"optim": "sgd", "optim_args": "momentum=0.9", "weight_decay": 0.0}
-    raise ValueError(f"optimizer {name!r} is not supported by the hf-image trainer")
-
-
-def _best_model_args(best_metric: str) -> dict[str, Any]:
-    """Transformers' choice of the best checkpoint for a Trainyard metric name (val_accuracy, val_loss)."""
-    name = best_metric.removeprefix("val_")  # what compute_metrics / the eval loss are called; Transformers adds eval_
-    return {"metric_for_best_model": name, "greater_is_better": name != "loss"}
-
-
-def _eval_at(log_history: list[dict[str, Any]], step: int) -> dict[str, float] | None:
-    for entry in reversed(log_history):
-        if entry.get("step") == step and "eval_accuracy" in entry:
-            return {"val_accuracy": float(entry["eval_accuracy"]), "val_loss": float(entry["eval_loss"])}
-    return None
-
-
-def _link_model_files(checkpoint: Path, target: Path) -> None:
-    """`target` becomes a loadable model directory of the checkpoint's config and weights, hard-linked: the chosen
-    weights are already on disk, so they are not written a second time (and a rotated checkpoint keeps them)."""
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    for path in checkpoint.iterdir():
-        if path.name == "config.json" or path.name.startswith(("model.", "model-")):  # weights, shards, index
-            os.link(path, partial / path.name)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-
-
-def _logits_module(checkpoint: Path) -> torch.nn.Module:
-    """The checkpoint's model on the CPU in float32 and eval mode, returning only the logits tensor."""
-    import torch
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.inner(pixel_values=pixel_values).logits
-
-    # eval() on the wrapper too: torch.onnx.export restores the wrapper's mode afterwards, and a wrapper left
-    # in training mode puts the inner model back into training mode (BatchNorm then uses batch statistics).
-    return LogitsOnly(_load(checkpoint).float().cpu()).eval()
-
-
-# ---------------------------------------------------------------------------------------------- trainer
+        return None
+    save_checkpoint_now(trainer)
+    return f"step {step} ({path})"
 
 
 class HFImageTrainer(BaseTrainer):
@@ -559,7 +202,7 @@ class HFImageTrainer(BaseTrainer):
         (enable_full_determinism if config.deterministic else set_seed)(config.seed)
         model = build_model(config.model, job.dataset.labels, config.image_size)
 
-        run_id = _active_mlflow_run_id()
+        metrics_log = EpochMetricsLog()  # the run active now, if any: per-step metrics, each step once
         best_metric = config.checkpoint.best_metric or PRIMARY_METRIC
         args = TrainingArguments(
             output_dir=str(output_dir),
@@ -594,7 +237,9 @@ class HFImageTrainer(BaseTrainer):
         _stamp_in_step_order(output_dir)
         moved_best = _moved_best(resume, output_dir) if resume is not None else None
         progress = _progress_callback(job, steps_per_epoch, moved_best)
-        callbacks = [progress] + ([_mlflow_callback(run_id)] if run_id else [])
+        callbacks = [progress] + (
+            [run_bound_mlflow_callback(metrics_log, _MLFLOW_ARTIFACT)] if metrics_log.active else []
+        )
         trainer = _trainer_class()(
             model=model,
             args=args,
@@ -608,8 +253,7 @@ class HFImageTrainer(BaseTrainer):
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         except BaseException as interruption:
-            if not isinstance(interruption, Exception):  # a signal (Prefect's cancellation, Ctrl-C): keep the work
-                _checkpoint_on_the_way_out(trainer, progress, output_dir, type(interruption).__name__)
+            save_on_the_way_out(interruption, progress.consistent, lambda: _save_now(trainer, output_dir))
             raise
         if job.control.pause_requested and trainer.state.global_step < trainer.state.max_steps:
             step = trainer.state.global_step
@@ -644,7 +288,7 @@ class HFImageTrainer(BaseTrainer):
         if not len(data):
             raise ValueError(f"dataset {job.dataset.root}: split {split!r} has no images")
         device = torch.device(job.device if job.device.startswith("cuda") else "cpu")
-        model = _load(Path(checkpoint)).to(device).eval()
+        model = load_model(Path(checkpoint)).to(device).eval()
         loader = DataLoader(data, batch_size=job.config.batch_size, num_workers=job.config.workers)
         correct, loss_sum = 0, 0.0
         with torch.inference_mode():
@@ -681,4 +325,4 @@ class HFImageTrainer(BaseTrainer):
             return module(torch.from_numpy(batch).float()).numpy()
 
 
-__all__ = ["HFImageTrainer", "build_model"]
+__all__ = ["HFImageTrainer", "build_model", "warm_up"]

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,15 +26,16 @@ from torch.utils.data import DataLoader
 
 from trainers import offline  # noqa: F401  (before any library that might phone home)
 from trainers.base import Trainer, TrainingPaused, TrainJob, TrainResult
-from trainers.checkpoints import CheckpointError, CheckpointStore, signals_held
+from trainers.checkpoint_policy import CheckpointSchedule, improves, save_on_the_way_out
+from trainers.checkpoints import CheckpointError, CheckpointStore
 from trainers.config import TrainConfig
 from trainers.data.classification import ImageFolderSplit, eval_transform, preprocessed_batch, train_transform
+from trainers.metrics_log import EpochMetricsLog
 from trainers.onnx_export import export_image_classifier
 
 log = logging.getLogger("trainers.torch")
 CHECKPOINT_FORMAT = 2  # 2: mid-epoch progress, per-epoch loader order
 DEFAULT_BEST_METRIC = "val_accuracy"
-_HIGHER_IS_BETTER = {"val_accuracy": True, "val_loss": False}  # checkpoint.best_metric's choices
 
 
 def tiny_cnn(num_classes: int) -> nn.Module:
@@ -131,26 +131,19 @@ class TorchClassifierTrainer(Trainer):
         progress = Progress()
         if found := store.latest(load_checkpoint):
             progress = self._resume(job, *found, model, optimizer, scheduler)
-        metrics_log = _MlflowEpochs()
-        metrics_log.flush(progress.history)  # a crash between a checkpoint and its logging left these out
+        metrics_log = EpochMetricsLog("train_loss")
+        metrics_log.log_epochs(progress.history)  # a crash between a checkpoint and its logging left these out
         job.emit_start(config.epochs, progress.epoch)
-        policy = config.checkpoint
-        best_metric = policy.best_metric or DEFAULT_BEST_METRIC
-        last_saved = time.monotonic()
+        policy = CheckpointSchedule(config.checkpoint, job.control)
+        best_metric = config.checkpoint.best_metric or DEFAULT_BEST_METRIC
 
-        def time_is_up() -> bool:
-            return bool(policy.every_seconds) and time.monotonic() - last_saved >= policy.every_seconds
-
-        def too_soon() -> bool:  # short epochs would spend their time writing checkpoints
-            return time.monotonic() - last_saved < policy.min_interval_seconds
-
-        def checkpoint(best: bool = False) -> None:
-            nonlocal last_saved
+        def checkpoint(best: bool = False) -> str:
             state = self._state(job, model, optimizer, scheduler, progress)
             path = store.save(lambda handle: torch.save(state, handle), progress.epoch, progress.step, best)
-            last_saved = time.monotonic()
-            metrics_log.flush(progress.history)  # only epochs a checkpoint holds: a resumed run never repeats one
+            policy.saved(progress.best)
+            metrics_log.log_epochs(progress.history)  # only epochs a checkpoint holds: a resume never repeats one
             job.emit_checkpoint(progress.epoch, path)
+            return f"epoch {progress.epoch}, batch {progress.batch}"
 
         consistent = True  # False while the model, the optimizer and `progress` are being updated together
         try:
@@ -169,22 +162,18 @@ class TorchClassifierTrainer(Trainer):
                     progress.seen += len(targets)
                     consistent = True
                     job.control.mark_progress()
-                    if job.control.pause_requested:
-                        checkpoint()
-                        raise TrainingPaused(f"paused in epoch {epoch}, after batch {progress.batch}")
-                    if job.control.take_checkpoint_request():
-                        checkpoint()  # asked for ("checkpoint now")
-                    elif time_is_up() and progress.batch < steps_per_epoch:
-                        checkpoint()  # mid-epoch: the time-based policy
+                    if policy.asked() or (policy.time_is_up() and progress.batch < steps_per_epoch):
+                        checkpoint()  # a pause, "checkpoint now", or mid-epoch by every_seconds
+                        if policy.pause_requested:
+                            raise TrainingPaused(f"paused in epoch {epoch}, after batch {progress.batch}")
                 metrics = {
                     "train_loss": progress.loss_sum / max(progress.seen, 1),
                     **_evaluate(model, val_loader, loss_fn, device, "val"),
                     "learning_rate": scheduler.get_last_lr()[0],
                 }
                 # progress.best is the best of the checkpoints written: an epoch that is not saved cannot be best.
-                improved = _improves(metrics, progress.best, best_metric)
-                due = improved or epoch % policy.every_n_epochs == 0
-                save = epoch == config.epochs or time_is_up() or (due and not too_soon())
+                improved = improves(metrics, progress.best, best_metric)
+                save = policy.save_now(due=improved or policy.epoch_due(epoch), final=epoch == config.epochs)
                 consistent = False
                 progress.epoch, progress.batch, progress.loss_sum, progress.seen = epoch, 0, 0.0, 0
                 progress.history[epoch] = metrics
@@ -196,24 +185,7 @@ class TorchClassifierTrainer(Trainer):
                 if save:
                     checkpoint(best=improved)
         except BaseException as interruption:
-            # A signal (Prefect's cancellation, Ctrl-C) rather than an error: keep the work done so far, when it
-            # did not land in the middle of an update.
-            if not isinstance(interruption, Exception):
-                if consistent:
-                    with signals_held():
-                        checkpoint()
-                    log.warning(
-                        "interrupted (%s): checkpoint at epoch %d, batch %d",
-                        type(interruption).__name__,
-                        progress.epoch,
-                        progress.batch,
-                    )
-                else:  # the model and the optimizer are half-updated: saving them would save a state that never was
-                    log.warning(
-                        "interrupted (%s) in the middle of a training step: the last checkpoint stands, and the "
-                        "steps since it are trained again on resume",
-                        type(interruption).__name__,
-                    )
+            save_on_the_way_out(interruption, consistent, checkpoint)
             raise
 
         return TrainResult(
@@ -319,14 +291,6 @@ def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device: torch.devic
     return {f"{split}_accuracy": correct / max(total, 1), f"{split}_loss": loss / max(total, 1)}
 
 
-def _improves(metrics: dict[str, float], best: dict[str, float], name: str) -> bool:
-    """Whether `metrics` beat the best checkpoint's by the metric `name`. A best without it (none written yet)
-    is beaten by any value."""
-    if _HIGHER_IS_BETTER[name]:
-        return metrics[name] > best.get(name, -math.inf)
-    return metrics[name] < best.get(name, math.inf)
-
-
 def _epoch_loader(data, config: TrainConfig, epoch: int, skip: int) -> DataLoader:
     """The epoch's batches in an order fixed by (seed, epoch), from batch `skip` on: a resumed epoch sees exactly
     the batches the interrupted one had left. The loader's own generator seeds its workers, so it never draws
@@ -335,32 +299,6 @@ def _epoch_loader(data, config: TrainConfig, epoch: int, skip: int) -> DataLoade
     indices = order[skip * config.batch_size :].tolist()
     seeds = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 7919 + skip)
     return DataLoader(data, config.batch_size, sampler=indices, num_workers=config.workers, generator=seeds)
-
-
-class _MlflowEpochs:
-    """Epoch metrics into the caller's active MLflow run (like the other libraries' callbacks), each exactly once.
-
-    Only epochs a checkpoint holds are logged, after it is written: a crash loses at most metrics the resumed
-    attempt recomputes, and on resume the epochs the run lacks are filled in (read back from the run)."""
-
-    def __init__(self) -> None:
-        import mlflow
-
-        self.run = mlflow.active_run()
-        self.logged: set[int] = set()
-        if self.run is not None:
-            history = mlflow.MlflowClient().get_metric_history(self.run.info.run_id, "train_loss")
-            self.logged = {metric.step for metric in history}
-
-    def flush(self, history: dict[int, dict[str, float]]) -> None:
-        if self.run is None:
-            return
-        import mlflow
-
-        for epoch in sorted(set(history) - self.logged):
-            # Synchronous (~15 ms): MLflow's asynchronous queue costs about 1 s to flush at the end of a run.
-            mlflow.log_metrics(history[epoch], step=epoch)
-            self.logged.add(epoch)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

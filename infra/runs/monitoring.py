@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from trainers.checkpoints import MANIFEST, write_atomic
+from trainers.checkpoints import MANIFEST, retained_files, write_atomic
 
 GPU_HOT = "trainyard.gpu.hot"
 POOL_NO_WORKER = "trainyard.pool.no-worker"
@@ -304,7 +304,7 @@ def prune(plan: PrunePlan) -> None:
 def _torch(run_dir: Path, keep_last: int) -> tuple[dict, list[Path]]:
     manifest = json.loads((run_dir / MANIFEST).read_text())
     entries = manifest["checkpoints"]
-    keep = {e["file"] for e in entries[-keep_last:]} | {manifest.get("best"), manifest.get("last")} - {None}
+    keep = retained_files(manifest, keep_last)
     kept = [e for e in entries if e["file"] in keep]
     removed = [run_dir / e["file"] for e in entries if e["file"] not in keep]
     return {**manifest, "checkpoints": kept}, removed
