@@ -66,9 +66,18 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
+# Every script in bench/ (bench/_common.py is their shared code, not a bench), one after the other, each with the
+# stack's environment, against the running stack: `make up` first. The deployments are applied first (`make deploy`,
+# which reuses the running stack). `exec`: a SIGTERM to make reaches the bench, which stops what it started.
+BENCHES = $(filter-out bench/_%,$(sort $(wildcard bench/*.py)))
+define bench_script
+	$(STACK_ENV) && exec $(PY) $(1)
+
+endef
 bench: venv
-	$(PY) bench/overhead.py
-	$(PY) bench/trigger_latency.py
+	@$(PY) -m infra.stack status > /dev/null || { echo "run \`make up\` first (\`make status\` shows what is down)"; exit 1; }
+	@$(MAKE) --no-print-directory deploy
+	$(foreach script,$(BENCHES),$(call bench_script,$(script)))
 
 # Re-pin after changing pyproject.toml: the lock is what a fresh machine installs.
 lock:

@@ -3,7 +3,8 @@
 21 processes want the same GPU (one holds it, 20 wait); each holds it HOLD_S, then releases. The gap between one
 release and the next holder's start is the GPU's idle time between runs (target: at most 5 s). The allocate and
 release round trip is also timed on a free GPU. The GPU is supplied (this machine has none); the Prefect server,
-its concurrency limits and leases are real: it uses the running stack (`make up`).
+its concurrency limits and leases are real: it uses the running stack (`make up`), and says so in one line when
+it is not up. SIGTERM stops the bench and the processes it started.
 
     python bench/allocation.py [--waiting 20] [--hold 1.0]
 Last line: gpu_handoff_s=<median gap>
@@ -20,6 +21,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from _common import exit_on_sigterm, running_stack
 
 from infra.compute.allocation import Need, gpu_lease
 from infra.compute.gpus import GPU, HostInventory
@@ -50,6 +53,9 @@ def main() -> None:
     if args.worker:
         worker(args.worker[0], float(args.worker[1]), args.worker[2])
         return
+    running_stack("bench/allocation.py", mlflow=False)
+    procs: list[subprocess.Popen] = []
+    exit_on_sigterm(lambda: [proc.kill() for proc in procs])
 
     inventory = supplied_inventory()
     round_trips = []
@@ -67,7 +73,7 @@ def main() -> None:
         inventory_file, out = Path(tmp) / "inventory.json", Path(tmp) / "leases.jsonl"
         inventory_file.write_text(inventory.to_json())
         command = [sys.executable, __file__, "--worker", str(inventory_file), str(args.hold), str(out)]
-        procs = [subprocess.Popen(command) for _ in range(args.waiting + 1)]
+        procs.extend(subprocess.Popen(command) for _ in range(args.waiting + 1))
         for proc in procs:
             proc.wait(timeout=1200)
         leases = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["start"])

@@ -19,6 +19,7 @@ then also builds Transformers' weight-conversion table.
 --data-scale N generates N times the demo's images: each epoch takes about N times longer while a checkpoint costs
 the same, which shows the share for epochs longer than the demo's very short ones (0.4 s for hf-image).
 Last line: checkpoint_overhead_pct=<the largest share among the trainers, in %>
+It needs no stack: everything runs in this process and its children. SIGTERM stops them and removes the data.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import contextlib
 import functools
 import json
 import os
+import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from _common import exit_on_sigterm
 
 from trainers import checkpoints
 from trainers.base import TrainJob, get_trainer
@@ -119,7 +123,7 @@ def measure(trainer: str, data: Path, scale: float) -> dict[str, float]:
         timer.wrap(BaseTrainer, "save_model")
         timer.wrap(yolo, "copy_atomic", counts=False)  # the resumable epochN.pt copies
         timer.wrap(yolo, "record_file", counts=False)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=data) as tmp:  # under the data folder: SIGTERM removes both
         out = Path(tmp)
         job = TrainJob(config, load_dataset(config.dataset), out)
         start = time.perf_counter()
@@ -144,6 +148,7 @@ def in_forked_child(function, *args) -> dict[str, float]:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.close(read_end)
         try:
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the libraries' progress bars
@@ -154,12 +159,24 @@ def in_forked_child(function, *args) -> dict[str, float]:
             os._exit(1)
         os._exit(0)
     os.close(write_end)
+    CHILDREN.append(pid)
     with os.fdopen(read_end, "rb") as reader:
         received = reader.read()
     _, status = os.waitpid(pid, 0)
+    CHILDREN.remove(pid)
     if not received:
         raise RuntimeError(f"the measuring child failed (wait status {status}); see its error above")
     return json.loads(received)
+
+
+CHILDREN: list[int] = []  # the measuring child, while it runs
+
+
+def stop(data: Path) -> None:
+    for pid in CHILDREN:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def main() -> None:
@@ -176,6 +193,7 @@ def main() -> None:
     n = args.data_scale
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
+        exit_on_sigterm(lambda: stop(data))
         make_shapes_classification(data / "shapes-cls", train_per_class=60 * n, val_per_class=20 * n)
         make_shapes_detection(data / "shapes-det", train_images=64 * n, val_images=16 * n)
         shares = []

@@ -9,7 +9,8 @@
 The figure is the time until the fallback's training step is Running (the issue's "fallback attempt running");
 each line also gives the time until that attempt was submitted.
 
-It uses the running stack (`make up`) with its own temporary store, pools and workers.
+It uses the running stack (`make up`; without it the bench says so in one line) with its own temporary store,
+pools and workers. SIGTERM stops it and the workers it started (and the trainings they run).
 
     python bench/failover.py
 Last line: failover_s no_worker=<s> crash=<s> worker_death=<s>   (failure -> fallback's training step Running)
@@ -27,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+from _common import exit_on_sigterm, running_stack
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter
 
@@ -105,8 +107,17 @@ def worker_death(store: Store, dataset: str, settings: Settings, victim) -> tupl
     return (submitted - killed_at).total_seconds(), (_running_at(backup.flow_run_id) - killed_at).total_seconds()
 
 
+def stop_workers(settings: Settings, workers: list) -> None:
+    """Stop the bench's workers (and the trainings they run), all at once."""
+    threads = [threading.Thread(target=local_stack.stop, args=(settings, worker)) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def main() -> None:
-    settings = Settings.from_env()
+    settings = running_stack("bench/failover.py")
     tmp = Path(tempfile.mkdtemp(prefix="trainyard-failover-"))
     url = f"sqlite:///{tmp / 'store.db'}"
     os.environ["TRAINYARD_STORE_URL"] = url
@@ -130,6 +141,7 @@ def main() -> None:
         for name, kind in PROFILES
         if name != "ghost"
     }
+    exit_on_sigterm(lambda: stop_workers(settings, list(workers.values())))
     dataset = str(make_shapes_classification(tmp / "shapes", train_per_class=8, val_per_class=4, image_size=32))
     try:
         for worker in workers.values():
@@ -142,8 +154,7 @@ def main() -> None:
             "worker_death": worker_death(store, dataset, settings, workers["victim"]),
         }
     finally:
-        for worker in workers.values():
-            local_stack.stop(settings, worker)
+        stop_workers(settings, list(workers.values()))
     for name, (submitted, running) in figures.items():
         print(
             f"{name}: failure -> fallback attempt submitted {submitted:.2f} s, "

@@ -1,7 +1,7 @@
 """Liveness on a busy machine: no training is declared dead while it lives, and a real death is caught quickly.
 
-Setup: the running stack (`make up` first), pools and workers of its own with a temporary store, and the CPU
-saturated by BUSY busy-loop processes (4 on this 2-core machine, by default).
+Setup: the running stack (`make up` first; without it the bench says so in one line), pools and workers of its own
+with a temporary store, and the CPU saturated by BUSY busy-loop processes (4 on this 2-core machine, by default).
 Workload: two trainings of each trainer (torch, hf-image, yolo) at once, each sized to last several minutes under
 that load (its duration is printed; the issue asks for at least three). Meanwhile a seventh training runs on the
 `victim` profile; once it has checkpointed, its worker and everything the worker started are killed (kill -9), and
@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+from _common import exit_on_sigterm, running_stack
 from prefect.client.orchestration import get_client
 
 from infra.compute.store import ComputeProfile, Store
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training's epochs")
     args = parser.parse_args()
 
-    settings = Settings.from_env()
+    settings = running_stack("bench/liveness.py")
     tmp = Path(tempfile.mkdtemp(prefix="trainyard-liveness-"))
     url = f"sqlite:///{tmp / 'store.db'}"
     os.environ["TRAINYARD_STORE_URL"] = url
@@ -151,14 +151,13 @@ def main() -> None:
     def stop_everything() -> None:
         for process in [*busy, *FLOWS]:
             process.kill()
-        for worker in workers.values():
-            local_stack.stop(settings, worker)  # and the trainings they started
+        stopping = [threading.Thread(target=local_stack.stop, args=(settings, w)) for w in workers.values()]
+        for thread in stopping:  # the workers and the trainings they started, all at once
+            thread.start()
+        for thread in stopping:
+            thread.join()
 
-    def on_sigterm(*_) -> None:  # the trainings' threads would keep the interpreter alive: leave at once
-        stop_everything()
-        os._exit(143)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    exit_on_sigterm(stop_everything)  # the trainings' threads would keep the interpreter alive: leave at once
     try:
         for worker in workers.values():
             local_stack.start(settings, worker)

@@ -1,14 +1,15 @@
 """Platform overhead: the same torch-trainer job run directly through trainers/ and through the full flow.
 
 Direct = validate the dataset, train, evaluate, export to ONNX and check parity, as plain function calls.
-Flow   = the train flow on the running stack (`make up`): the same work plus Prefect tasks, artifacts, the MLflow
-         run, and model registration.
+Flow   = the train flow on the running stack (`make up`; without it the bench says so in one line): the same
+         work plus Prefect tasks, artifacts, the MLflow run, and model registration.
 
 Training time on a shared 2-core machine varies by +-15 % run to run, so the two paths alternate --repeats times
 and the medians are compared.
 
     python bench/overhead.py [--epochs 30] [--repeats 3]
 Last line: overhead_ratio=<flow/direct>
+SIGTERM stops it (a train flow in progress is marked Crashed first).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from infra.settings import Settings
+from _common import running_stack
+
 from trainers.base import TrainJob
 from trainers.config import TrainConfig
 from trainers.data.synthetic import make_shapes_classification
@@ -57,7 +59,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="30 epochs: about 30 s of training here")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    settings = Settings.from_env()
+    settings = running_stack("bench/overhead.py")
     dataset = make_shapes_classification(settings.home / "datasets" / "shapes-cls")
     params = {"dataset": str(dataset), "epochs": args.epochs, "learning_rate": 0.003, "image_size": 64}
 

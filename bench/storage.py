@@ -16,12 +16,14 @@ shared between it and this client):
 
     python bench/storage.py [--files 3] [--size-mb 64] [--repeats 7] [--dataset-files 10000]
 Last line: s3_vs_boto3=<ratio> cached_sync_s=<s>
+It needs no stack: it starts its own S3 server. SIGTERM stops the server, removes the files and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -35,12 +37,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+from _common import exit_on_sigterm
 
 from infra.storage import sha256_file
 from infra.storage.s3 import S3Settings, S3Storage
 
 MB = 1024 * 1024
 BUCKET = "trainyard-bench"
+SERVERS: list[subprocess.Popen] = []  # the moto servers this bench started and has not stopped yet
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -49,6 +53,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         port = sock.getsockname()[1]
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stderr=subprocess.DEVNULL)
+    SERVERS.append(proc)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -71,6 +76,7 @@ def fresh_server() -> Iterator[tuple[S3Storage, psutil.Process]]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        SERVERS.remove(proc)
 
 
 def trainyard_file(storage: S3Storage, path: Path, sha256: str | None, out: Path) -> float:
@@ -170,6 +176,13 @@ def dataset_sync(storage: S3Storage, server: psutil.Process, tmp: Path, count: i
     return statistics.median(cached)
 
 
+def stop(tmp: Path) -> None:
+    for proc in SERVERS:
+        proc.kill()
+        proc.wait(timeout=10)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=3)
@@ -181,6 +194,7 @@ def main() -> None:
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_EC2_METADATA_DISABLED="true")
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        exit_on_sigterm(lambda: stop(Path(tmp)))
         with fresh_server() as (storage, _):  # each measurement on a fresh server: moto's memory grows with traffic
             ratio = transfers(storage, Path(tmp), args.files, args.size_mb, args.repeats)
         with fresh_server() as (storage, server):

@@ -2,7 +2,8 @@
 
 t0 is taken just before the CLI command starts. The first training step is the moment the trainer enters its
 loop: model built, data loaders ready, the progress artifact created (its server timestamp). The figure is the
-median over --runs triggers. It needs the running stack with deployments applied (`make deploy`).
+median over --runs triggers. It needs the running stack with deployments applied (`make deploy`; `make bench`
+applies them), and says so in one line otherwise. SIGTERM cancels the flow run in flight and exits.
 
     python bench/trigger_latency.py [--runs 3]
 Last line: trigger_to_first_step_s=<s>
@@ -20,12 +21,23 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _common import exit_on_sigterm, require_deployment, running_stack
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter
+from prefect.client.schemas.objects import WorkPoolStatus
+from prefect.states import Cancelling
 
 from infra.settings import Settings
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
+BENCH = "bench/trigger_latency.py"
+IN_FLIGHT: list[str] = []  # the flow run being measured: cancelled on SIGTERM
+
+
+def cancel_in_flight() -> None:
+    with get_client(sync_client=True) as client:
+        for flow_run_id in IN_FLIGHT:
+            client.set_flow_run_state(flow_run_id, Cancelling(message=f"{BENCH} was stopped"))
 
 
 def trigger(dataset: str) -> tuple[float, str]:
@@ -47,6 +59,7 @@ def trigger(dataset: str) -> tuple[float, str]:
         env={**os.environ, **Settings.from_env().client_env()},
     ).stdout
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    IN_FLIGHT[:] = [flow_run_id]
     return t0.timestamp(), flow_run_id
 
 
@@ -58,9 +71,11 @@ def first_step_and_created(flow_run_id: str, timeout: float = 180) -> tuple[floa
                 artifact_filter=ArtifactFilter(key={"any_": ["training-progress"]}),
                 flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}),
             )
+            flow_run = client.read_flow_run(flow_run_id)
             if artifacts:
-                created = client.read_flow_run(flow_run_id).created
-                return artifacts[0].created.timestamp(), created.timestamp()
+                return artifacts[0].created.timestamp(), flow_run.created.timestamp()
+            if flow_run.state and flow_run.state.is_final():
+                raise RuntimeError(f"flow run {flow_run_id} ended {flow_run.state.name} before its first training step")
             time.sleep(0.2)
     raise TimeoutError(f"flow run {flow_run_id} did not reach its first training step in {timeout} s")
 
@@ -75,14 +90,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    settings = running_stack(BENCH)
+    exit_on_sigterm(cancel_in_flight)
+    require_deployment(BENCH, "train/torch-shapes")
+    with get_client(sync_client=True) as client:
+        if client.read_work_pool(settings.work_pool).status != WorkPoolStatus.READY:
+            sys.exit(f"{BENCH}: no worker is online in pool {settings.work_pool}; run `make up` first")
     from trainers.data.synthetic import make_shapes_classification
 
-    dataset = str(make_shapes_classification(Settings.from_env().home / "datasets" / "shapes-cls"))
+    dataset = str(make_shapes_classification(settings.home / "datasets" / "shapes-cls"))
     totals, from_created = [], []
     for i in range(args.runs + 1):  # the first run warms the dataset cache and the OS page cache
         t0, flow_run_id = trigger(dataset)
         first_step, created = first_step_and_created(flow_run_id)
         wait_finished(flow_run_id)  # one at a time: the next trigger must not queue behind this run
+        IN_FLIGHT.clear()
         if i:
             totals.append(first_step - t0)
             from_created.append(first_step - created)
