@@ -5,8 +5,11 @@ loop: model built, data loaders ready, the progress artifact created (its server
 median over --runs triggers. It needs the running stack with deployments applied (`make deploy`; `make bench`
 applies them), and says so in one line otherwise. SIGTERM cancels the flow run in flight and exits.
 
-    python bench/trigger_latency.py [--runs 3]
+    python bench/trigger_latency.py [--runs 3] [--cold]
 Last line: trigger_to_first_step_s=<s>
+
+--cold stops the stack's warm-start server for the measurement, so the launcher starts each run in a new interpreter
+(what a pool without warm start does), and starts the server again at the end, also on SIGTERM.
 """
 
 from __future__ import annotations
@@ -89,9 +92,27 @@ def wait_finished(flow_run_id: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cold", action="store_true", help="without the warm-start server")
     args = parser.parse_args()
     settings = running_stack(BENCH)
-    exit_on_sigterm(cancel_in_flight)
+    restore = stop_warm_start(settings) if args.cold else (lambda: None)
+    exit_on_sigterm(lambda: (cancel_in_flight(), restore()))
+    try:
+        measure(settings, args.runs)
+    finally:
+        restore()
+
+
+def stop_warm_start(settings):
+    """Stop the stack's warm-start server; what starts it again."""
+    from infra.stack import services as local_stack
+
+    server = local_stack.warm_start_service(settings)
+    local_stack.stop(settings, server)
+    return lambda: local_stack.start(settings, server)
+
+
+def measure(settings, runs: int) -> None:
     require_deployment(BENCH, "train/torch-shapes")
     with get_client(sync_client=True) as client:
         if client.read_work_pool(settings.work_pool).status != WorkPoolStatus.READY:
@@ -100,7 +121,7 @@ def main() -> None:
 
     dataset = str(make_shapes_classification(settings.home / "datasets" / "shapes-cls"))
     totals, from_created = [], []
-    for i in range(args.runs + 1):  # the first run warms the dataset cache and the OS page cache
+    for i in range(runs + 1):  # the first run warms the dataset cache and the OS page cache
         t0, flow_run_id = trigger(dataset)
         first_step, created = first_step_and_created(flow_run_id)
         wait_finished(flow_run_id)  # one at a time: the next trigger must not queue behind this run
