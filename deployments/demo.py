@@ -10,14 +10,14 @@ import sys
 from mlflow import MlflowClient
 from prefect.deployments import run_deployment
 
-from infra.settings import Settings
+from infra.settings import get_settings
 from tasks.report import mlflow_run_url
 from tasks.tracking import runs_of_flow_run
 
 
 def main(argv: list[str]) -> int:
     name = argv[0] if argv else "train/torch-shapes"
-    settings = Settings.from_env()
+    settings = get_settings()
     print(f"Triggering {name} (the worker picks it up within a second)...")
     run = run_deployment(name, timeout=None, tags=["demo"])
     ui = f"{settings.prefect_ui}/runs/flow-run/{run.id}"
@@ -39,7 +39,17 @@ def main(argv: list[str]) -> int:
     for version in versions:
         print(f"  Registered model  {version.name} version {version.version} (aliases: {', '.join(version.aliases)})")
     print(f"  ONNX file         {mlflow_run.data.tags.get('onnx.path', '?')}")
+    print(f"  Final metrics     {final_metrics(mlflow_run.data.metrics)}")
     return 0
+
+
+def final_metrics(metrics: dict[str, float]) -> str:
+    """The registered model's metrics (its best checkpoint evaluated after training, logged as final_<name>)."""
+    # val first, then test (the held-out split, where the dataset has one)
+    final = sorted((name for name in metrics if name.startswith("final_")), key=lambda n: ("_test_" in n, n))
+    if not final:
+        return "none logged (see the MLflow run)"
+    return ", ".join(f"{name.removeprefix('final_')} {metrics[name]:.3f}" for name in final)
 
 
 if __name__ == "__main__":

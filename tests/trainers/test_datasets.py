@@ -150,9 +150,9 @@ def test_synthetic_cli_makes_both_default_datasets_once(tmp_path: Path, capsys: 
         str((tmp_path / "shapes-det" / "data.yaml").resolve()),
     ]
     cls, det = load_dataset(printed[0]), load_dataset(printed[1])
-    assert cls.stats["train"] == {"circle": 60, "square": 60, "triangle": 60}
-    assert cls.stats["val"]["square"] == cls.stats["test"]["square"] == 20
-    assert (det.stats["train"]["images"], det.stats["val"]["images"]) == (64, 16)
+    assert cls.stats["train"] == {"circle": 300, "square": 300, "triangle": 300}  # the demos' sizes
+    assert (cls.stats["val"]["square"], cls.stats["test"]["square"]) == (50, 20)
+    assert (det.stats["train"]["images"], det.stats["val"]["images"]) == (1000, 100)
     stamp = (tmp_path / "shapes-det" / "data.yaml").stat().st_mtime_ns
     synthetic_main([str(tmp_path)])  # both exist: skipped
     assert (tmp_path / "shapes-det" / "data.yaml").stat().st_mtime_ns == stamp
