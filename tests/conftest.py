@@ -21,6 +21,7 @@ from s3_server import (
     start_moto,
     stop,
 )
+from waiting import free_port
 
 MakeImage = Callable[..., Path]
 
@@ -67,14 +68,6 @@ def tiny_yolo(tmp_path: Path, make_image: MakeImage) -> Path:
 # Ports and state are chosen before anything imports Prefect or MLflow, which read their settings at import.
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _session_cluster = None  # pg_cluster.SessionCluster: the PostgreSQL the session's stack runs on, if any
 
 
@@ -102,7 +95,7 @@ def _session_database(home: Path) -> str | None:
         return None
     for attempt in (1, 2):  # the free port may be taken before the server binds it
         try:
-            _session_cluster = SessionCluster(_free_port(), keep_log=home / "logs" / "postgresql.log")
+            _session_cluster = SessionCluster(free_port(), keep_log=home / "logs" / "postgresql.log")
             break
         except AssertionError:
             if attempt == 2:
@@ -116,8 +109,8 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(tempfile.mkdtemp(prefix="trainyard-test-"))
     os.environ.update(
         TRAINYARD_HOME=str(home),
-        TRAINYARD_PREFECT_PORT=str(_free_port()),
-        TRAINYARD_MLFLOW_PORT=str(_free_port()),
+        TRAINYARD_PREFECT_PORT=str(free_port()),
+        TRAINYARD_MLFLOW_PORT=str(free_port()),
         YOLO_CONFIG_DIR=str(home / "ultralytics"),
     )
     # The session's stack is its own: never a database or store from the shell that runs the tests.

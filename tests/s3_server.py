@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from waiting import free_port
 
 ACCESS_KEY = "AKIDTRAINYARDTEST"
 SECRET_KEY = "ty-secret-6f1d2c9a-never-log-me"  # tests look for this value in errors, logs and pickles
@@ -78,12 +79,6 @@ def client(endpoint: Endpoint):
         aws_secret_access_key=endpoint.secret_key,
         region_name="us-east-1",
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def start_moto(extra_env: dict[str, str] | None = None, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:

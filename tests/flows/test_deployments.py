@@ -13,6 +13,7 @@ import yaml
 from mlflow import MlflowClient
 from prefect.deployments import run_deployment
 from prefect.utilities.importtools import import_object
+from waiting import mlflow_runs, wait_for, wait_state
 
 from flows.request import TrainRequest
 from infra.runs import warm_start
@@ -89,11 +90,7 @@ def test_deployment_run_through_a_process_worker_registers_an_onnx_model(worker,
     warm_log = (worker.home / "logs" / "warm-start.log").read_text()
     assert f"flow run {run.id} forked" in warm_log  # started warm, from the preloaded server (infra/runs/warm_start.py)
 
-    mlflow_run = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'",
-        output_format="list",
-    )
+    mlflow_run = mlflow_runs(run.id)
     assert [r.info.status for r in mlflow_run] == ["FINISHED"]
     version = MlflowClient().get_model_version_by_alias("deployment-test", "candidate")
     assert version.run_id == mlflow_run[0].info.run_id
@@ -117,14 +114,11 @@ def test_a_cancelled_training_keeps_its_work_and_a_retry_resumes_it_in_the_same_
     parameters = {"dataset": str(shapes_cls), "epochs": epochs, "image_size": 32, "batch_size": 4, **EVERY_EPOCH}
     run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
     store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
-    deadline = time.monotonic() + 180
-    while not store.entries() and time.monotonic() < deadline:  # training has started and saved once
-        time.sleep(0.2)
-    assert store.entries(), "training never wrote its first checkpoint"
+    wait_for(store.entries, "training's first checkpoint", timeout=180)  # training has started and saved once
     with get_client(sync_client=True) as client:
         cancelled_at = time.time()
         client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
-        state = _wait_final(client, run.id)
+        state = wait_state(client, run.id)
         assert state.is_cancelled(), state
         newest = store.entries()[-1]
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
@@ -132,17 +126,17 @@ def test_a_cancelled_training_keeps_its_work_and_a_retry_resumes_it_in_the_same_
         mid_step = any("in the middle of a training step" in log.message for log in logs)
         assert newest.written_at >= cancelled_at or mid_step
         assert store.verified(newest) and newest.epoch < epochs
-        [mlflow_run] = _mlflow_runs(run.id)
+        [mlflow_run] = mlflow_runs(run.id)
         assert mlflow_run.info.status == "KILLED"
         assert mlflow_run.data.tags["checkpoint.last"].endswith(newest.file)
 
         prefect = str(Path(os.sys.executable).parent / "prefect")
         subprocess.run([prefect, "flow-run", "retry", str(run.id)], check=True, capture_output=True, timeout=120)
-        state = _wait_final(client, run.id, after=state.timestamp)
+        state = wait_state(client, run.id, after=state.timestamp)
         assert state.is_completed(), state
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
     assert any(f"resuming from {store.directory}" in log.message for log in logs)
-    [mlflow_run] = _mlflow_runs(run.id)  # still one run: the retry continued it
+    [mlflow_run] = mlflow_runs(run.id)  # still one run: the retry continued it
     assert mlflow_run.info.status == "FINISHED"
     history = MlflowClient().get_metric_history(mlflow_run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch once: no gap, no repeat
@@ -164,10 +158,7 @@ def test_checkpoint_now_then_pause_frees_the_process_and_resume_finishes_in_the_
     parameters = {"dataset": str(shapes_cls), "epochs": epochs, "image_size": 32, "batch_size": 4, **EVERY_EPOCH}
     run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
     store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
-    deadline = time.monotonic() + 180
-    while not store.entries() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert store.entries(), "training never wrote its first checkpoint"
+    wait_for(store.entries, "training's first checkpoint", timeout=180)
 
     asked = time.time()
     done = _control("checkpoint", run.id, "--wait", "60")
@@ -188,7 +179,7 @@ def test_checkpoint_now_then_pause_frees_the_process_and_resume_finishes_in_the_
         newest = store.entries()[-1]
         assert newest.written_at >= asked and newest.written_at - asked < 30  # checkpointed on the way out
         assert newest.epoch < epochs
-        [mlflow_run] = _mlflow_runs(run.id)
+        [mlflow_run] = mlflow_runs(run.id)
         assert mlflow_run.info.status == "SCHEDULED"
         assert mlflow_run.data.tags["checkpoint.last"].endswith(newest.file)
 
@@ -198,11 +189,11 @@ def test_checkpoint_now_then_pause_frees_the_process_and_resume_finishes_in_the_
 
         resumed = _control("resume", run.id)
         assert resumed.returncode == 0, resumed.stderr
-        state = _wait_final(client, run.id)
+        state = wait_state(client, run.id)
         assert state.is_completed(), state
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
     assert any(f"resuming from {store.directory}" in log.message for log in logs)
-    [mlflow_run] = _mlflow_runs(run.id)
+    [mlflow_run] = mlflow_runs(run.id)
     assert mlflow_run.info.status == "FINISHED"
     history = MlflowClient().get_metric_history(mlflow_run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, epochs + 1))
@@ -234,19 +225,3 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _wait_final(client, flow_run_id, after=None, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = client.read_flow_run(flow_run_id).state
-        if state.is_final() and (after is None or state.timestamp > after):
-            return state
-        time.sleep(0.5)
-    raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout} s")
-
-
-def _mlflow_runs(flow_run_id) -> list:
-    return mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", output_format="list"
-    )

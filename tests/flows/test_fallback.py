@@ -15,7 +15,7 @@ import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter
-from waiting import checkpointed_attempt, wait_ready
+from waiting import checkpointed_attempt, wait_for, wait_ready, wait_state
 
 from flows.train import train
 from infra.compute.store import ComputeProfile, Store
@@ -302,10 +302,7 @@ def test_a_pause_reaches_a_training_on_another_pool_and_resume_finishes_it_there
     }
     run = run_deployment(train_deployment, parameters=parameters, timeout=0)
     store = CheckpointStore(Settings.from_env().runs_dir / str(run.id))
-    deadline = time.monotonic() + 180
-    while not store.entries() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert store.entries(), "the training step never wrote its first checkpoint"
+    wait_for(store.entries, "the training step's first checkpoint", timeout=180)
     [first] = pools.attempts(str(run.id))
     assert first.profile == "backup" and first.flow_run_id  # trained by the backup pool's worker
 
@@ -313,9 +310,9 @@ def test_a_pause_reaches_a_training_on_another_pool_and_resume_finishes_it_there
         asked = time.time()
         paused = control("pause", run.id)
         assert paused.returncode == 0, paused.stderr
-        step = _wait_state(client, first.flow_run_id, lambda s: s.is_final())
+        step = wait_state(client, first.flow_run_id, timeout=120)
         assert step.is_cancelled() and step.message.startswith("paused: "), step
-        parent = _wait_state(client, run.id, lambda s: s.name == "Suspended" and _attempts_ended(pools, run.id))
+        parent = wait_state(client, run.id, lambda s: s.name == "Suspended" and _attempts_ended(pools, run.id), 120)
         newest = store.entries()[-1]
         assert newest.written_at >= asked and newest.written_at - asked < 30  # checkpointed on the way out
         assert newest.epoch < epochs
@@ -328,7 +325,7 @@ def test_a_pause_reaches_a_training_on_another_pool_and_resume_finishes_it_there
 
         resumed = control("resume", run.id)
         assert resumed.returncode == 0, resumed.stderr
-        state = _wait_state(client, run.id, lambda s: s.is_final(), timeout=300)
+        state = wait_state(client, run.id, timeout=300)
         attempts = pools.attempts(str(run.id))
         assert state.is_completed(), (state.message, [(a.profile, a.outcome, a.flow_run_id) for a in attempts])
         assert [(a.profile, a.outcome) for a in attempts] == [("backup", "paused"), ("backup", "completed")]
@@ -349,13 +346,3 @@ def _wait_value(read, wanted, timeout: float = 30):
     while (value := read()) != wanted and time.monotonic() < deadline:
         time.sleep(0.5)
     return value
-
-
-def _wait_state(client, flow_run_id, done, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = client.read_flow_run(flow_run_id).state
-        if done(state):
-            return state
-        time.sleep(0.5)
-    raise TimeoutError(f"flow run {flow_run_id} is still {state.name} after {timeout:g} s: {state.message}")

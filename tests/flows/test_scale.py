@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from waiting import final_flow_runs, mlflow_runs
 
 from infra.runs import warm_start
 from infra.settings import ROOT
@@ -94,7 +95,8 @@ def test_twenty_training_runs_at_once_on_two_workers_none_lost_or_stuck(cluster,
         runs = asyncio.run(_trigger(parameters))
         triggered_s = time.monotonic() - started
         with get_client(sync_client=True) as client:
-            states = _wait_all_final([run.id for run in runs], client, timeout=900)
+            finals = final_flow_runs(client, [run.id for run in runs], timeout=900, poll=2)
+            states = {i: run.state for i, run in finals.items()}
             final_s = time.monotonic() - started
             histories = {i: _history(client, i) for i, state in states.items() if not state.is_completed()}
             deployment = client.read_deployment_by_name(DEPLOYMENT)
@@ -153,7 +155,7 @@ async def _trigger(parameters: dict) -> list:
 
 def _mlflow_runs_anywhere(mlflow, flow_run_id: str) -> list[str]:
     experiments = {e.experiment_id: e.name for e in mlflow.search_experiments()}
-    runs = mlflow.search_runs(list(experiments), filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    runs = mlflow_runs(flow_run_id, mlflow.tracking_uri)
     return [f"{r.info.run_id} in {experiments[r.info.experiment_id]!r}: {r.info.status}" for r in runs]
 
 
@@ -161,12 +163,3 @@ def _history(client, flow_run_id: str) -> list[str]:
     """Every state the run went through, oldest first, with its message: who ended it, and how."""
     states = sorted(client.read_flow_run_states(flow_run_id), key=lambda state: state.timestamp)
     return [f"{state.timestamp:%H:%M:%S} {state.name}: {state.message or ''}".strip() for state in states]
-
-
-def _wait_all_final(flow_run_ids: list, client, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        states = {str(i): client.read_flow_run(i).state for i in flow_run_ids}
-        if all(state.is_final() for state in states.values()) or time.monotonic() > deadline:
-            return states
-        time.sleep(2)

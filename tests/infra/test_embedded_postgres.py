@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from s3_server import free_port
 from test_shared_stack import clean_env, cli
+from waiting import free_port
 
 from infra.settings import Settings
 from infra.stack import embedded_postgres

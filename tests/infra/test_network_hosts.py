@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 from pg_cluster import missing_programs, throwaway_cluster
-from s3_server import SECRET_KEY, free_port, start_moto, stop
-from waiting import gone_at, wait_for
+from s3_server import SECRET_KEY, start_moto, stop
+from waiting import free_port, gone_at, wait_for
 
 from infra.settings import ROOT, Settings
 from trainers.data.synthetic import make_shapes_classification

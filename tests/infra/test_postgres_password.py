@@ -23,8 +23,8 @@ from urllib.parse import quote
 import psutil
 import pytest
 from pg_cluster import missing_programs, throwaway_cluster
-from s3_server import free_port
 from test_shared_stack import _stack_processes, clean_env, cli, deploy_torch_demo, python, train_on_a_worker
+from waiting import free_port
 
 from infra.settings import Settings
 from infra.stack import services as trainyard_stack

@@ -2,9 +2,10 @@
 Prefect results on S3 (moto's server mode), started with `python -m infra.stack up --role control` as a user would.
 
 Each "host" is a process with its own environment and TRAINYARD_HOME: the control host has the S3 credentials,
-a training host has none. PostgreSQL comes from TRAINYARD_TEST_DATABASE_URL (default
-postgresql://postgres@127.0.0.1:5432, the server of this kind of machine); each module gets fresh databases,
-dropped at the end. Without a reachable PostgreSQL these tests skip and say why.
+a training host has none. PostgreSQL comes from TRAINYARD_TEST_DATABASE_URL; without it, the test session's own
+cluster (tests/conftest.py, shared with the session's stack), or where the session runs on SQLite,
+postgresql://postgres@127.0.0.1:5432 (the server of this kind of machine). Each module gets fresh databases, dropped
+at the end. Without a reachable PostgreSQL these tests skip and say why.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,12 +24,25 @@ from pathlib import Path
 
 import psutil
 import pytest
-from s3_server import ACCESS_KEY, SECRET_KEY, free_port, start_moto, stop
+from prefect_logs import run_logs
+from s3_server import ACCESS_KEY, SECRET_KEY, Endpoint, client, start_moto, stop
+from waiting import final_flow_runs, free_port
 
 from infra.settings import ROOT, ArtifactStore, Database, Settings
 from infra.stack import services as trainyard_stack
 
-ADMIN_URL = os.environ.get("TRAINYARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
+
+def _admin_url() -> str:
+    """postgresql://user[:password]@host:port of the server the shared stacks create their databases on."""
+    if named := os.environ.get("TRAINYARD_TEST_DATABASE_URL"):
+        return named
+    if session := os.environ.get("TRAINYARD_DATABASE_URL"):  # only ever the session's cluster (tests/conftest.py)
+        database = Database.parse(session)
+        return f"postgresql://{database.user or 'postgres'}@{database.host}:{database.port}"
+    return "postgresql://postgres@127.0.0.1:5432"
+
+
+ADMIN_URL = _admin_url()
 # The server here trusts local connections and ignores it; it is in the URL so the tests can look for leaks
 # (a password in TRAINYARD_TEST_DATABASE_URL is used instead).
 PG_PASSWORD = Database.parse(f"{ADMIN_URL}/x").password or "ty-pg-password-0b7e-never-log-me"
@@ -117,23 +130,12 @@ def train_on_a_worker(prefect_api: str, dataset: Path, experiment: str, timeout:
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         run = run_deployment("train/torch-shapes", parameters=parameters, timeout=0)
         with get_client(sync_client=True) as client:
-            deadline = time.monotonic() + timeout
-            while not (run := client.read_flow_run(run.id)).state.is_final() and time.monotonic() < deadline:
-                time.sleep(1)
-    return run
+            return final_flow_runs(client, [run.id], timeout)[str(run.id)]
 
 
 def flow_run_logs(prefect_api: str, flow_run_id) -> str:
     """Every log line of a flow run on the Prefect server, as the UI shows them."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    logs, where = [], LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
-        while page := client.read_logs(where, limit=200, offset=len(logs)):  # the server pages at 200
-            logs += page
-    return "\n".join(log.message for log in logs)
+    return "\n".join(log.message for log in run_logs(flow_run_id, prefect_api=prefect_api))
 
 
 def clean_env(tmp: Path) -> dict[str, str]:
@@ -158,15 +160,7 @@ def postgres_or_skip():
 
 def new_bucket(endpoint: str, prefix: str):
     """A boto3 client with the tests' keys on `endpoint`, and a new bucket there: (client, bucket name)."""
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name="us-east-1",
-    )
+    s3 = client(Endpoint(endpoint, "moto", ACCESS_KEY, SECRET_KEY))
     bucket = f"{prefix}-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     return s3, bucket
