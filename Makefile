@@ -57,8 +57,11 @@ $(S3RVER)/node_modules/.package-lock.json: $(S3RVER)/package.json $(S3RVER)/pack
 	else cd $(S3RVER) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error \
 	  || echo "npm ci failed in $(S3RVER): the storage tests' s3rver cases will skip"; fi
 
+# TEST_WORKERS pytest-xdist workers, each with its own servers and PostgreSQL cluster, a test file per worker (the
+# files share expensive module fixtures); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: venv s3rver
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -106,6 +106,9 @@ def _session_database(home: Path) -> str | None:
 def pytest_configure(config: pytest.Config) -> None:
     import tempfile
 
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: each of its workers sets up a stack of its own
+
     home = Path(tempfile.mkdtemp(prefix="trainyard-test-"))
     os.environ.update(
         TRAINYARD_HOME=str(home),
