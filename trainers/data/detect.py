@@ -8,7 +8,7 @@ from typing import Literal
 from trainers.data.errors import DatasetError
 from trainers.data.imagefolder import scan_imagefolder
 from trainers.data.scan import Scan
-from trainers.data.yolo import scan_yolo
+from trainers.data.yolo_layout import scan_yolo
 
 LAYOUTS = (
     "expected either an ImageFolder directory (train/<class>/<images>, val/<class>/<images>, optional test/) "
