@@ -290,7 +290,7 @@ def test_a_run_triggered_on_the_control_host_trains_on_the_training_host_end_to_
 def test_a_training_host_that_dies_is_replaced_by_another_that_resumes_its_work_from_s3(cluster):
     """Two training hosts on their own pools and disks; the train flow runs on the control host. Host A loses power
     mid-training; the zombie automation marks its step Crashed, the flow falls back to host B, which restores A's
-    pushed checkpoints over the LAN and finishes the training; the flow evaluates and exports from the push."""
+    pushed checkpoints over the LAN and finishes the training, evaluation and export; the flow registers the model."""
     from mlflow import MlflowClient
 
     from infra.compute.store import Store
@@ -315,8 +315,10 @@ def test_a_training_host_that_dies_is_replaced_by_another_that_resumes_its_work_
     assert [(a.profile, a.outcome) for a in attempts] == [("net-a", "crashed"), ("net-b", "completed")]
     step_log = flow_run_logs(cluster.stack.settings.prefect_api, attempts[1].flow_run_id)
     assert "restored" in step_log and "from s3://" in step_log and "resuming from" in step_log
+    assert "ONNX parity on" in step_log  # evaluated and exported on B, where it trained
     assert list((Path(host_b.env["TRAINYARD_HOME"]) / "disk").iterdir())  # B trained on its own disk, not A's
-    assert "restored" in flow_run_logs(cluster.stack.settings.prefect_api, request_id)  # the flow's host too
+    # B also evaluated and exported there: the flow's host fetched nothing, it registered from the MLflow run.
+    assert "restored" not in flow_run_logs(cluster.stack.settings.prefect_api, request_id)
 
     client = MlflowClient(cluster.stack.settings.mlflow_uri)
     experiment = client.get_experiment_by_name("net-fallback").experiment_id
