@@ -57,12 +57,12 @@ $(S3RVER)/node_modules/.package-lock.json: $(S3RVER)/package.json $(S3RVER)/pack
 	else cd $(S3RVER) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error \
 	  || echo "npm ci failed in $(S3RVER): the storage tests' s3rver cases will skip"; fi
 
-# TEST_WORKERS=N: N pytest-xdist workers, each with its own servers and PostgreSQL cluster, a test file per worker.
-# Off by default: on a 2-core, 24 GiB machine two workers ran out of memory when test_scale.py and the network-host
-# tests overlapped (the kernel killed both workers); the default runs the suite in one process.
+# TEST_WORKERS=N: N pytest-xdist workers, each with its own servers and PostgreSQL cluster, a test file per worker
+# (tests/conftest.py groups them; the two memory-hungry files never at once). Off by default: on a 2-core, 24 GiB
+# machine two workers ran out of memory when test_scale.py and the network-host tests overlapped.
 TEST_WORKERS ?= 0
 test: venv s3rver
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -127,6 +127,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(Settings.from_env().client_env())
 
 
+# With pytest-xdist (make test TEST_WORKERS=N): a file's tests stay on one worker (they share module fixtures), and
+# the two memory-hungry files never run at once (together they ran a 24 GiB machine out of memory).
+HEAVY = {"test_scale.py", "test_network_hosts.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not getattr(config.option, "numprocesses", None):
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("heavy" if item.path.name in HEAVY else str(item.path)))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _session_cluster is not None:  # after the session's fixtures: the stack is down by now
         _session_cluster.stop()
